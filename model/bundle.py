@@ -1,0 +1,156 @@
+"""Serving bundles: a trusted export converted once into ONNX + a JSON spec, cached by the export's sha256.
+
+Layout: ``<cache_dir>/<export sha256>/{model.onnx, bundle.json}``. ``bundle.json`` holds the
+preprocessing spec, the vocab, the ONNX file's own sha256 (checked on every load) and the verification
+result. A bundle is only written after its answers matched ``learn.predict`` on probe images.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import hashlib
+import io
+import json
+import logging
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from model.preprocess import PreprocessSpec
+
+log = logging.getLogger(__name__)
+BUNDLE_FORMAT = 1
+TOLERANCE = 1e-4  # max |p_served - p_learn.predict| accepted, per class
+
+
+class BundleError(Exception):
+    """Conversion or verification failed; the message is the logged fallback reason."""
+
+
+@dataclass(frozen=True)
+class Bundle:
+    onnx_path: Path
+    spec: PreprocessSpec
+    vocab: tuple[str, ...]
+    max_error: float
+
+
+def _sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def load_bundle(cache_dir: Path, export_sha256: str) -> Bundle | None:
+    """The cached bundle for this export, or None if absent or damaged (then it is rebuilt)."""
+    d = cache_dir / export_sha256
+    meta_path, onnx_path = d / "bundle.json", d / "model.onnx"
+    if not (meta_path.is_file() and onnx_path.is_file()):
+        return None
+    try:
+        meta = json.loads(meta_path.read_text())
+        if meta.get("format") != BUNDLE_FORMAT or meta.get("export_sha256") != export_sha256:
+            return None
+        if _sha256_file(onnx_path) != meta["onnx_sha256"]:
+            log.warning("cached bundle %s is damaged (ONNX hash mismatch); rebuilding", d)
+            return None
+        return Bundle(onnx_path, PreprocessSpec.from_dict(meta["spec"]), tuple(meta["vocab"]), meta["max_error"])
+    except (ValueError, KeyError, TypeError) as e:
+        log.warning("cached bundle %s is unreadable (%s); rebuilding", d, e)
+        return None
+
+
+def probe_images(seed: int = 0) -> list[Image.Image]:
+    """Images of awkward sizes and content used to check a bundle against learn.predict."""
+    rng = np.random.default_rng(seed)
+    sizes = [(64, 64), (301, 199), (120, 333), (17, 5), (640, 480), (1, 1), (3, 97)]
+    out = []
+    for i, (w, h) in enumerate(sizes):
+        yy, xx = np.mgrid[0:h, 0:w]
+        base = np.stack([(xx * 255 // max(w - 1, 1)), (yy * 255 // max(h - 1, 1)), ((xx + yy) * 7) % 256], -1)
+        noise = rng.integers(0, 64, size=(h, w, 3))
+        arr = np.clip(base + noise * (i % 2), 0, 255).astype(np.uint8)
+        out.append(Image.fromarray(arr, "RGB"))
+    return out
+
+
+def reference_probs(learn, images: list[Image.Image]) -> np.ndarray:
+    """What learn.predict answers for each image (fed as PNG bytes, exactly like a file)."""
+    rows = []
+    with learn.no_bar():
+        for im in images:
+            buf = io.BytesIO()
+            im.save(buf, format="PNG")
+            rows.append(np.asarray(learn.predict(buf.getvalue())[2], dtype=np.float32))
+    return np.stack(rows)
+
+
+def _export_onnx(learn, spec: PreprocessSpec, path: Path) -> None:
+    import torch
+
+    model = copy.deepcopy(learn.model).cpu().eval()
+    x = torch.zeros(2, 3, spec.size[1], spec.size[0])
+    # The exporter prints (and logs at INFO) pages of diagnostics; keep them out of the user's console.
+    noisy = [logging.getLogger(n) for n in ("onnx_ir", "onnxscript", "torch.onnx", "torch.export")]
+    levels = [lg.level for lg in noisy]
+    for lg in noisy:
+        lg.setLevel(logging.WARNING)
+    with open(os.devnull, "w") as sink, contextlib.redirect_stdout(sink), contextlib.redirect_stderr(sink):
+        try:
+            torch.onnx.export(
+                model, (x,), str(path), input_names=["input"], output_names=["logits"],
+                dynamic_shapes=({0: torch.export.Dim("batch", min=1, max=256)},), dynamo=True,
+            )
+        finally:
+            for lg, level in zip(noisy, levels, strict=True):
+                lg.setLevel(level)
+
+
+def build_bundle(learn, export_sha256: str, cache_dir: Path, vocab: list[str], threads: int = 1) -> Bundle:
+    """Convert, verify against learn.predict, then publish atomically into the cache. Raises BundleError."""
+    from model.predictor import ModelInfo, OnnxPredictor
+    from model.spec import Unsupported, extract_spec
+
+    try:
+        spec = extract_spec(learn)
+    except Unsupported as e:
+        raise BundleError(f"preprocessing cannot be replayed outside fastai: {e}") from e
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{export_sha256[:12]}-", dir=cache_dir))
+    try:
+        onnx_path = tmp / "model.onnx"
+        try:
+            _export_onnx(learn, spec, onnx_path)
+        except Exception as e:  # noqa: BLE001 - any exporter failure means "use the torch path", with its reason
+            raise BundleError(f"ONNX export failed: {type(e).__name__}: {str(e)[:300]}") from e
+        images = probe_images()
+        info = ModelInfo("probe", export_sha256, tuple(vocab), "onnx")
+        served = OnnxPredictor(onnx_path, spec, info, threads).predict_probs(images)
+        expected = reference_probs(learn, images)
+        if served.shape != expected.shape:
+            raise BundleError(f"ONNX output shape {served.shape} differs from learn.predict's {expected.shape}")
+        err = float(np.abs(served - expected).max())
+        if not err <= TOLERANCE:
+            raise BundleError(f"ONNX answers differ from learn.predict by {err:.2e} (> {TOLERANCE:g})")
+        meta = {
+            "format": BUNDLE_FORMAT, "export_sha256": export_sha256, "onnx_sha256": _sha256_file(onnx_path),
+            "spec": json.loads(spec.to_json()), "vocab": list(vocab), "max_error": err,
+        }
+        (tmp / "bundle.json").write_text(json.dumps(meta, indent=1))
+        final = cache_dir / export_sha256
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        log.info("serving bundle verified (max |dp| = %.1e over %d probe images): %s", err, len(images), final)
+        return Bundle(final / "model.onnx", spec, tuple(vocab), err)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)

@@ -1,0 +1,75 @@
+"""One settings object for the whole app: env vars prefixed ``LOUPE_``.
+
+Only ``main()`` and CLI entry points build it; everything else receives it.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import AliasChoices, Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="LOUPE_", extra="ignore")
+
+    # --- model -------------------------------------------------------------
+    model_path: Path | None = Field(
+        default=None, description="Your fastai export.pkl; unset serves the embedded demo model."
+    )
+    model_sha256: str | None = Field(
+        default=None,
+        description="sha256 the model file must have. Loading unpickles, i.e. runs code: "
+        "a file that does not match is refused.",
+    )
+    model_name: str | None = Field(default=None, description="Shown in the UI; defaults to the file name.")
+    backend: Literal["auto", "onnx", "torch"] = "auto"
+    intra_op_threads: int = Field(default=1, ge=1, description="Threads per forward pass.")
+    top_k: int = Field(default=5, ge=1)
+
+    # --- serving -----------------------------------------------------------
+    host: str = Field(default="127.0.0.1", validation_alias=AliasChoices("LOUPE_HOST", "GRADIO_SERVER_NAME"))
+    port: int = Field(default=7860, validation_alias=AliasChoices("LOUPE_PORT", "GRADIO_SERVER_PORT"))
+    max_upload_mb: float = Field(default=10.0, gt=0)
+    max_pixels: int = Field(default=40_000_000, gt=0, description="Images whose header says more are refused.")
+    max_batch_size: int = Field(default=8, ge=1)
+    batch_wait_ms: float = Field(default=2.0, ge=0, description="How long a request may wait to share a batch.")
+    queue_max_size: int = Field(default=16, ge=1, description="Requests waiting beyond this get 'busy'.")
+    stream_every: float = Field(default=0.5, gt=0)
+    stream_time_limit: float = Field(default=60.0, gt=0)
+
+    # --- storage -----------------------------------------------------------
+    data_dir: Path = Path("data")
+    database_url: str | None = Field(
+        default=None,
+        validation_alias=AliasChoices("LOUPE_DATABASE_URL", "DATABASE_URL"),
+        description="Any SQLAlchemy URL; default SQLite under data_dir.",
+    )
+    store_uploads: bool = True
+    retention_days: int | None = Field(default=None, ge=1)
+    stream_log_every: int = Field(default=10, ge=1, description="Log one live-stream frame in N.")
+
+    # --- review ------------------------------------------------------------
+    audit_rate: float = Field(default=0.02, ge=0, le=1)
+    low_confidence: float = Field(default=0.6, ge=0, le=1)
+    low_margin: float = Field(default=0.2, ge=0, le=1)
+    high_loss: float = Field(default=1.0, ge=0, description="Cross-entropy above which a labelled item is queued.")
+    second_opinion_rate: float = Field(default=0.0, ge=0, le=1)
+    claim_lease_s: float = Field(default=300.0, gt=0)
+    reviewers: str = Field(default="", description="'name:pbkdf2-hash,...' (see `python -m review hash-password`).")
+    hf_allowlist: str = Field(default="", description="HF usernames allowed to review, comma-separated.")
+    session_secret: str | None = None
+
+    @property
+    def cache_dir(self) -> Path:
+        return self.data_dir / "cache"
+
+    @property
+    def images_dir(self) -> Path:
+        return self.data_dir / "images"
+
+    @property
+    def db_url(self) -> str:
+        return self.database_url or f"sqlite:///{(self.data_dir / 'loupe.db').resolve()}"

@@ -1,0 +1,195 @@
+"""Golden tests: what Loupe serves equals learn.predict, for every kind of export; loading is safe."""
+
+from __future__ import annotations
+
+import hashlib
+import pickle
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from model.bundle import TOLERANCE, reference_probs
+from model.loading import ModelLoadError, load_predictor
+from settings import Settings
+from tests.learners import golden_images
+
+ROOT = Path(__file__).resolve().parents[1]
+EXACT_KINDS = ["rrc224_aug_imagenet", "pad224", "squish224", "crop_nonsquare_96x160"]
+
+
+def _learn(path: Path):
+    from fastai.learner import load_learner
+
+    return load_learner(path)
+
+
+def _settings(tmp_path: Path, path: Path, sha: str | None, **kw) -> Settings:
+    return Settings(model_path=path, model_sha256=sha, data_dir=tmp_path / "data", **kw)
+
+
+@pytest.mark.parametrize("kind", EXACT_KINDS)
+def test_onnx_bundle_matches_learn_predict(kind, exported, tmp_path):
+    path, sha = exported(kind)
+    predictor = load_predictor(_settings(tmp_path, path, sha))
+    assert predictor.info.backend == "onnx", predictor.info.fallback_reason
+    learn = _learn(path)
+    images = golden_images()
+    served = predictor.predict_probs(images)
+    expected = reference_probs(learn, images)
+    assert served.shape == (len(images), 3)
+    assert np.abs(served - expected).max() <= TOLERANCE
+    assert list(served.argmax(1)) == list(expected.argmax(1))
+    assert predictor.info.vocab == tuple(learn.dls.vocab)
+
+
+def test_demo_model_matches_learn_predict(demo_predictor):
+    from model.demo import DEMO_EXPORT
+
+    assert demo_predictor.info.backend == "onnx"
+    assert demo_predictor.info.vocab == tuple(str(i) for i in range(10))
+    images = golden_images()
+    expected = reference_probs(_learn(DEMO_EXPORT), images)
+    assert np.abs(demo_predictor.predict_probs(images) - expected).max() <= TOLERANCE
+
+
+def test_unreplayable_pipeline_falls_back_to_exact_torch_path(exported, tmp_path):
+    path, sha = exported("affine_resize_fallback")
+    predictor = load_predictor(_settings(tmp_path, path, sha))
+    assert predictor.info.backend == "torch"
+    assert "RandomResizedCropGPU" in predictor.info.fallback_reason
+    images = golden_images()
+    expected = reference_probs(_learn(path), images)
+    assert np.abs(predictor.predict_probs(images) - expected).max() <= TOLERANCE
+
+
+def test_onnx_only_backend_refuses_unreplayable_pipeline(exported, tmp_path):
+    path, sha = exported("affine_resize_fallback")
+    with pytest.raises(ModelLoadError, match="cannot be replayed"):
+        load_predictor(_settings(tmp_path, path, sha, backend="onnx"))
+
+
+def test_forced_torch_backend_matches_learn_predict(exported, tmp_path):
+    path, sha = exported("rrc224_aug_imagenet")
+    predictor = load_predictor(_settings(tmp_path, path, sha, backend="torch"))
+    assert predictor.info.backend == "torch"
+    images = golden_images()[:4]
+    assert np.abs(predictor.predict_probs(images) - reference_probs(_learn(path), images)).max() <= TOLERANCE
+
+
+def test_batched_answers_equal_single_answers(exported, tmp_path):
+    path, sha = exported("pad224")
+    predictor = load_predictor(_settings(tmp_path, path, sha))
+    images = golden_images()
+    batched = predictor.predict_probs(images)
+    single = np.concatenate([predictor.predict_probs([im]) for im in images])
+    assert np.abs(batched - single).max() <= 1e-5
+
+
+def test_cached_bundle_serves_without_importing_torch_or_fastai(exported, tmp_path):
+    path, sha = exported("squish224")
+    settings = _settings(tmp_path, path, sha)
+    first = load_predictor(settings).predict_probs(golden_images()[:2])
+    code = (
+        "import sys, numpy as np; from settings import Settings; from model.loading import load_predictor;"
+        "from tests.learners import golden_images;"
+        f"p = load_predictor(Settings(model_path={str(path)!r}, model_sha256={sha!r}, data_dir={str(settings.data_dir)!r}));"
+        "np.save(sys.argv[1], p.predict_probs(golden_images()[:2]));"
+        "print(sorted(m for m in ('torch', 'fastai') if m in sys.modules), p.info.backend)"
+    )
+    out = tmp_path / "probs.npy"
+    res = subprocess.run([sys.executable, "-c", code, str(out)], cwd=ROOT, capture_output=True, text=True,
+                         timeout=120)
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.strip() == "[] onnx"
+    assert np.abs(np.load(out) - first).max() <= 1e-6
+
+
+def test_damaged_cached_bundle_is_rebuilt(exported, tmp_path):
+    path, sha = exported("squish224")
+    settings = _settings(tmp_path, path, sha)
+    expected = load_predictor(settings).predict_probs(golden_images()[:2])
+    onnx_file = settings.cache_dir / sha / "model.onnx"
+    onnx_file.write_bytes(onnx_file.read_bytes()[:-100] + b"\0" * 100)
+    again = load_predictor(settings)
+    assert again.info.backend == "onnx"
+    assert np.abs(again.predict_probs(golden_images()[:2]) - expected).max() <= 1e-6
+
+
+# --- the model file is code: pins, and clear start-up errors ---------------------------------------
+
+class _Boom:
+    """Unpickling this runs code: it writes a marker file (what a malicious export could do)."""
+
+    def __init__(self, marker: str):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (Path(self.marker).write_text, ("pwned",))
+
+
+def test_unpinned_model_is_refused_before_unpickling(tmp_path):
+    marker = tmp_path / "marker"
+    evil = tmp_path / "export.pkl"
+    evil.write_bytes(pickle.dumps(_Boom(str(marker))))
+    sha = hashlib.sha256(evil.read_bytes()).hexdigest()
+    with pytest.raises(ModelLoadError) as e:
+        load_predictor(_settings(tmp_path, evil, None))
+    assert str(evil) in str(e.value) and f"LOUPE_MODEL_SHA256={sha}" in str(e.value)
+    with pytest.raises(ModelLoadError, match="its sha256 is"):
+        load_predictor(_settings(tmp_path, evil, "ab" * 32))
+    assert not marker.exists()
+
+
+def test_pin_is_checked_against_the_bytes_loaded(exported, tmp_path):
+    path, sha = exported("pad224")
+    swapped = tmp_path / "export.pkl"
+    swapped.write_bytes(path.read_bytes() + b"tampered")
+    with pytest.raises(ModelLoadError, match="sha256"):
+        load_predictor(_settings(tmp_path, swapped, sha))
+    assert load_predictor(_settings(tmp_path, path, sha.upper())).info.sha256 == sha  # pins are case-insensitive
+
+
+def _pinned(tmp_path: Path, data: bytes) -> Settings:
+    p = tmp_path / "export.pkl"
+    p.write_bytes(data)
+    return _settings(tmp_path, p, hashlib.sha256(data).hexdigest())
+
+
+@pytest.mark.parametrize("case", ["missing", "empty", "garbage", "truncated", "not_a_learner", "multilabel"])
+def test_bad_model_file_gives_clear_startup_error(case, exported, tmp_path, color_data):
+    import torch
+
+    good, _ = exported("pad224")
+    if case == "missing":
+        settings = _settings(tmp_path, tmp_path / "nope.pkl", "00" * 32)
+        expected = "not found"
+    elif case == "empty":
+        settings, expected = _pinned(tmp_path, b""), "empty"
+    elif case == "garbage":
+        settings, expected = _pinned(tmp_path, b"<html>not a model</html>" * 10), "corrupt, truncated"
+    elif case == "truncated":
+        settings, expected = _pinned(tmp_path, good.read_bytes()[:5000]), "corrupt, truncated"
+    elif case == "not_a_learner":
+        torch.save({"weights": torch.zeros(3)}, tmp_path / "w.pth")
+        settings, expected = _pinned(tmp_path, (tmp_path / "w.pth").read_bytes()), "not a fastai Learner"
+    else:
+        from tests.learners import build_multilabel_learner
+
+        learn = build_multilabel_learner(color_data)
+        learn.export(tmp_path / "ml.pkl")
+        settings, expected = _pinned(tmp_path, (tmp_path / "ml.pkl").read_bytes()), "single-label"
+    with pytest.raises(ModelLoadError) as e:
+        load_predictor(settings)
+    assert expected in str(e.value)
+    assert str(settings.model_path) in str(e.value)
+
+
+def test_app_exits_with_the_message_not_a_traceback(tmp_path):
+    env = {"PATH": "/usr/bin:/bin", "LOUPE_MODEL_PATH": str(tmp_path / "missing.pkl"),
+           "LOUPE_MODEL_SHA256": "00" * 32, "LOUPE_DATA_DIR": str(tmp_path)}
+    res = subprocess.run([sys.executable, "app.py"], cwd=ROOT, capture_output=True, text=True, timeout=120, env=env)
+    assert res.returncode == 2
+    assert "missing.pkl" in res.stderr and "Traceback" not in res.stderr
