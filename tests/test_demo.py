@@ -1,0 +1,137 @@
+"""The embedded demo model: the committed artifact is the pinned one, loads, is accurate, and can be rebuilt."""
+
+from __future__ import annotations
+
+import hashlib
+import pickle
+import re
+import subprocess
+import sys
+import types
+import zipfile
+from pathlib import Path
+
+import pytest
+
+from model.demo import (
+    DEMO_EXAMPLES_DIR,
+    DEMO_EXPORT,
+    DEMO_SHA256,
+    VOCAB,
+    demo_examples,
+    holdout_split,
+    train_demo,
+)
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def demo_learner():
+    from fastai.vision.all import load_learner
+
+    return load_learner(DEMO_EXPORT)
+
+
+def predict(learn, images) -> list[str]:
+    with learn.no_bar():
+        probs, _ = learn.get_preds(dl=learn.dls.test_dl(images))
+    return [learn.dls.vocab[i] for i in probs.argmax(dim=1).tolist()]
+
+
+def pickled_modules(path: Path) -> set[str]:
+    """Every module the export's pickle imports from, recorded while torch.load unpickles it."""
+    import torch
+
+    seen: set[str] = set()
+
+    class Recording(pickle.Unpickler):
+        def find_class(self, module, name):
+            seen.add(module)
+            return super().find_class(module, name)
+
+    torch.load(path, map_location="cpu", weights_only=False,
+               pickle_module=types.SimpleNamespace(Unpickler=Recording, load=pickle.load, __name__="pickle"))
+    return seen
+
+
+def pickle_bytes(path: Path) -> bytes:
+    with zipfile.ZipFile(path) as z:  # torch.save's zip format: the pickle is <archive>/data.pkl
+        return z.read(next(n for n in z.namelist() if n.endswith("/data.pkl")))
+
+
+def test_committed_artifact_is_the_pinned_one_and_small():
+    data = DEMO_EXPORT.read_bytes()
+    assert hashlib.sha256(data).hexdigest() == DEMO_SHA256, (
+        "demo_artifacts/export.pkl changed: if you rebuilt it on purpose, paste the sha256 that "
+        "`python -m model.demo` printed into DEMO_SHA256")
+    assert len(data) <= 5 * 1024 * 1024
+
+
+def test_importing_the_module_stays_cheap():
+    # The server reads DEMO_EXPORT/DEMO_SHA256 at start-up; that must not drag torch/fastai in.
+    code = "import sys, model.demo; print(sorted({'torch', 'fastai', 'sklearn', 'numpy'} & set(sys.modules)))"
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
+
+
+def test_export_references_no_local_code():
+    # Code from this repo imported by the export would tie it to our source tree; functions defined in
+    # __main__ get pickled by value by cloudpickle (fastai's own dispatch functions are too, so cloudpickle
+    # itself is fine) and carry their "__main__" module name as a string; a temp path would be a leak.
+    local = {m for m in pickled_modules(DEMO_EXPORT) if re.match(r"(__main__|model|tests)(\.|$)", m)}
+    assert not local
+    raw = pickle_bytes(DEMO_EXPORT)
+    assert b"__main__" not in raw and b"loupe-digits" not in raw
+
+
+def test_demo_learner_is_accurate_on_the_holdout(demo_learner):
+    assert list(demo_learner.dls.vocab) == list(VOCAB)
+    images, labels = holdout_split()
+    assert len(images) == len(labels) == 359  # 20% of load_digits' 1,797
+    assert sorted(set(labels)) == list(VOCAB)
+    preds = predict(demo_learner, images)
+    accuracy = sum(p == y for p, y in zip(preds, labels, strict=True)) / len(labels)
+    assert accuracy >= 0.97
+
+
+def test_holdout_split_is_deterministic():
+    a_images, a_labels = holdout_split()
+    b_images, b_labels = holdout_split()
+    assert a_labels == b_labels
+    assert all(a.tobytes() == b.tobytes() for a, b in zip(a_images, b_images, strict=True))
+
+
+def test_committed_examples_are_drawings_predicted_as_named(demo_learner):
+    from PIL import Image
+
+    paths = sorted(DEMO_EXAMPLES_DIR.glob("digit_*.png"))
+    assert len(paths) >= 5
+    images = [Image.open(p).convert("RGB") for p in paths]
+    for img in images:  # dark ink on white paper, like the Sketchpad
+        gray = img.convert("L")
+        assert gray.getpixel((0, 0)) == 255 and gray.getextrema()[0] < 64
+    truth = [re.fullmatch(r"digit_(\d)\.png", p.name).group(1) for p in paths]
+    right = sum(p == t for p, t in zip(predict(demo_learner, images), truth, strict=True))
+    assert right >= len(paths) - 1
+
+
+def test_demo_examples_writes_one_named_png_per_digit(tmp_path):
+    from PIL import Image
+
+    paths = demo_examples(tmp_path)
+    assert [p.name for p in paths] == [f"digit_{d}.png" for d in VOCAB]
+    assert all(Image.open(p).size == (128, 128) for p in paths)
+
+
+def test_training_smoke(tmp_path):
+    from fastai.vision.all import load_learner
+
+    result = train_demo(tmp_path, epochs=1, limit=128, progress=False)
+    assert result.path == tmp_path / "export.pkl"
+    assert result.sha256 == hashlib.sha256(result.path.read_bytes()).hexdigest()
+    assert 0.0 <= result.accuracy <= 1.0 and result.seconds > 0
+    learn = load_learner(result.path)
+    assert list(learn.dls.vocab) == list(VOCAB)  # the full vocabulary even from a 128-image subset
+    images, _ = holdout_split()
+    assert len(predict(learn, images[:8])) == 8
