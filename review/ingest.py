@@ -1,0 +1,195 @@
+"""Turn logged predictions and feedback into rows: image files first, then rows in the caller's transaction."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from datetime import datetime
+
+import numpy as np
+from PIL import Image
+from sqlalchemy import func, or_, select
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.orm import Session
+
+from model.imageio import image_stats
+from review import scoring
+from review.db import Model, Prediction, QueueEntry, StoredImage
+from review.imagestore import ImageStore
+from review.types import DATASET, HIGH_LOSS, REASONS, USER_FLAGGED
+
+
+@dataclass(frozen=True)
+class Thresholds:
+    low_confidence: float
+    low_margin: float
+    high_loss: float
+    audit_rate: float
+    second_opinion_rate: float
+
+    @classmethod
+    def from_settings(cls, settings) -> Thresholds:
+        return cls(settings.low_confidence, settings.low_margin, settings.high_loss, settings.audit_rate,
+                   settings.second_opinion_rate)
+
+
+@dataclass
+class PredictionRecord:
+    id: str
+    created: datetime
+    source: str
+    model_version: str
+    vocab: tuple[str, ...]
+    probs: np.ndarray  # (C,)
+    latency_ms: float
+    image: Image.Image | None = None  # None: already stored (image_sha256 + stats given)
+    claimed_label: str | None = None
+    keep_image: bool = True  # False when storing uploads is switched off: stats only, no file, no review
+    image_sha256: str | None = None
+    stats: dict = field(default_factory=dict)
+    image_row: dict | None = None  # set once the file is written, so a retried batch does not lose it
+
+
+@dataclass(frozen=True)
+class FeedbackRecord:
+    prediction_id: str
+    correct: bool | None
+    claimed_label: str | None
+
+
+def store_images(records: list[PredictionRecord], store: ImageStore) -> list[dict]:
+    """Write each record's image file (idempotent) and return the image rows; no database access."""
+    for rec in records:
+        if rec.image is None:
+            continue
+        rec.stats = image_stats(rec.image)
+        if rec.keep_image:
+            rec.image_sha256, size = store.put_image(rec.image)
+            rec.image_row = {"sha256": rec.image_sha256, "width": rec.stats["width"],
+                             "height": rec.stats["height"], "size_bytes": size, "created": rec.created}
+        rec.image = None  # the file is the copy now; free the pixels early
+    return [rec.image_row for rec in records if rec.image_row is not None]
+
+
+def prediction_rows(records: list[PredictionRecord], th: Thresholds) -> tuple[list[dict], list[dict]]:
+    """Score records (vectorised per model) -> (prediction rows, queue rows). Pure apart from hashing."""
+    preds, queue = [], []
+    by_model: dict[str, list[PredictionRecord]] = {}
+    for rec in records:
+        by_model.setdefault(rec.model_version, []).append(rec)
+    for group in by_model.values():
+        vocab = group[0].vocab
+        probs = np.stack([np.asarray(r.probs, dtype=np.float64) for r in group])
+        conf, marg, ent = scoring.confidence(probs), scoring.margin(probs), scoring.entropy(probs)
+        index = {c: i for i, c in enumerate(vocab)}
+        labels = np.array([index.get(r.claimed_label, -1) if r.claimed_label else -1 for r in group])
+        loss = scoring.loss(labels, probs)
+        is_ds = np.array([r.source == "dataset" for r in group])
+        audit = scoring.is_audit([r.id for r in group], th.audit_rate)
+        reasons = scoring.review_reasons(conf, marg, loss, audit, low_confidence=th.low_confidence,
+                                         low_margin=th.low_margin, high_loss=th.high_loss, dataset=is_ds)
+        # a rescore is not traffic: only its (new) loss against the known label can queue it
+        reasons = np.where([r.source == "rescore" for r in group], reasons & HIGH_LOSS, reasons)
+        prio = scoring.queue_priority(reasons, conf, marg, loss)
+        top = probs.argmax(axis=1)
+        for i, rec in enumerate(group):
+            row = {
+                "id": rec.id, "created": rec.created, "source": rec.source, "model_version": rec.model_version,
+                "image_sha256": rec.image_sha256, "predicted": vocab[top[i]],
+                "probs": [round(float(p), 6) for p in probs[i]], "confidence": float(conf[i]),
+                "margin": float(marg[i]), "entropy": float(ent[i]), "latency_ms": float(rec.latency_ms),
+                "width": rec.stats.get("width"), "height": rec.stats.get("height"),
+                "brightness": rec.stats.get("brightness"), "feedback_correct": None,
+                "claimed_label": rec.claimed_label, "loss": None if math.isnan(loss[i]) else float(loss[i]),
+            }
+            preds.append(row)
+            if reasons[i] and rec.image_sha256:
+                queue.append(queue_row(row, int(reasons[i]), float(prio[i]), th))
+    return preds, queue
+
+
+def queue_row(pred: dict, mask: int, priority: float, th: Thresholds) -> dict:
+    sha = pred["image_sha256"]
+    second = bool(scoring.needs_second_opinion([sha], th.second_opinion_rate)[0])
+    row = {name: bool(mask & bit) for name, bit in REASONS.items()}
+    row.update(image_sha256=sha, prediction_id=pred["id"], predicted=pred["predicted"],
+               model_version=pred["model_version"], priority=priority, status="open",
+               required_decisions=2 if second else 1, n_decisions=0, created=pred["created"])
+    return row
+
+
+def insert_rows(session: Session, images: list[dict], preds: list[dict], queue: list[dict], *,
+                replace_prediction: bool = False) -> None:
+    dialect = session.get_bind().dialect.name
+    ins = postgresql.insert if dialect == "postgresql" else sqlite.insert
+    if images:
+        session.execute(ins(StoredImage).on_conflict_do_nothing(index_elements=["sha256"]), _unique(images, "sha256"))
+    if preds:
+        session.execute(ins(Prediction), preds)
+    upsert_queue(session, queue, replace_prediction=replace_prediction)
+
+
+def upsert_queue(session: Session, rows: list[dict], *, replace_prediction: bool = False) -> None:
+    """Queue images; an image already queued and still open gains the new reasons (duplicates reviewed once).
+
+    Rows are merged per image and written in sha order, so two writers lock rows in the same order (no
+    deadlock between replicas on PostgreSQL). Decided items stay decided.
+    """
+    if not rows:
+        return
+    merged: dict[str, dict] = {}
+    for row in rows:
+        old = merged.get(row["image_sha256"])
+        if old is None:
+            merged[row["image_sha256"]] = dict(row)
+            continue
+        for name in REASONS:
+            old[name] = old[name] or row[name]
+        old["priority"] = max(old["priority"], row["priority"])
+    dialect = session.get_bind().dialect.name
+    stmt = (postgresql.insert if dialect == "postgresql" else sqlite.insert)(QueueEntry)
+    greatest = func.greatest if dialect == "postgresql" else func.max
+    update = {name: or_(getattr(QueueEntry, name), getattr(stmt.excluded, name)) for name in REASONS}
+    update["priority"] = greatest(QueueEntry.priority, stmt.excluded.priority)
+    if replace_prediction:  # rescoring: show reviewers the current model's view of an open item
+        for col in ("prediction_id", "predicted", "model_version"):
+            update[col] = getattr(stmt.excluded, col)
+    stmt = stmt.on_conflict_do_update(index_elements=["image_sha256"], set_=update,
+                                      where=QueueEntry.status == "open")
+    session.execute(stmt, [merged[k] for k in sorted(merged)])
+
+
+def apply_feedback(session: Session, records: list[FeedbackRecord], th: Thresholds) -> None:
+    """A claimed label makes the loss known; a confident contradiction (or a bare "wrong") gets queued."""
+    vocabs: dict[str, list] = {}
+    for fb in records:
+        pred = session.get(Prediction, fb.prediction_id)
+        if pred is None:
+            raise LookupError(f"feedback for unknown prediction {fb.prediction_id}")
+        if pred.model_version not in vocabs:
+            vocabs[pred.model_version] = session.scalar(select(Model.vocab).where(Model.version == pred.model_version))
+        vocab = vocabs[pred.model_version]
+        claimed = fb.claimed_label or (pred.predicted if fb.correct else None)
+        probs = np.asarray([pred.probs])
+        idx = vocab.index(claimed) if claimed in vocab else -1
+        loss = scoring.loss([idx], probs)
+        pred.feedback_correct, pred.claimed_label = fb.correct, claimed
+        pred.loss = None if math.isnan(loss[0]) else float(loss[0])
+        flagged = fb.correct is False and claimed is None
+        mask = scoring.review_reasons([pred.confidence], [pred.margin], loss, [False], flagged=[flagged],
+                                      low_confidence=th.low_confidence, low_margin=th.low_margin,
+                                      high_loss=th.high_loss, dataset=[pred.source == "dataset"])
+        mask = mask & (HIGH_LOSS | USER_FLAGGED | DATASET)  # the log-time reasons were applied already
+        if mask[0] and pred.image_sha256:
+            prio = scoring.queue_priority(mask, [pred.confidence], [pred.margin], loss)
+            row = {"id": pred.id, "image_sha256": pred.image_sha256, "predicted": pred.predicted,
+                   "model_version": pred.model_version, "created": pred.created}
+            session.flush()
+            upsert_queue(session, [queue_row(row, int(mask[0]), float(prio[0]), th)])
+
+
+def _unique(rows: list[dict], key: str) -> list[dict]:
+    seen: dict = {}
+    for row in rows:
+        seen.setdefault(row[key], row)
+    return list(seen.values())

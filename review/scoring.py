@@ -1,0 +1,120 @@
+"""Pure, vectorised scores (like cleanlab's rank.py): arrays in, arrays out, no I/O, no settings object.
+
+Queue order (``queue_priority``), most urgent first; an item with several reasons takes its best tier:
+
+1. **high loss / dataset / user flagged** (priority in [3, 4)): a confident contradiction of a known label is the
+   most likely error and the cheapest to fix; ordered by loss, highest first. A user's bare "wrong" (no label
+   given) has no exact loss; it ranks by its lower bound ``-log(1 - confidence)``: the true class can have at
+   most the probability mass the prediction did not take.
+2. **audit** (priority 2): the uniform random sample must be reviewed completely to give an unbiased accuracy
+   estimate, so it outranks the (much larger) low-confidence backlog; first come, first served (ties -> by id).
+3. **low confidence** (priority in [1, 2)): smallest margin first (the model is the most torn).
+
+Not queued: priority 0.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Iterable
+
+import numpy as np
+
+from review.types import AUDIT, DATASET, HIGH_LOSS, LOW_CONFIDENCE, USER_FLAGGED
+
+_EPS = 1e-12
+_TIER3 = HIGH_LOSS | DATASET | USER_FLAGGED
+
+
+def _as_2d(probs) -> np.ndarray:
+    p = np.asarray(probs, dtype=np.float64)
+    if p.ndim != 2 or p.shape[1] == 0:
+        raise ValueError(f"probs must have shape (N, C) with C >= 1, got {p.shape}")
+    return p
+
+
+def confidence(probs) -> np.ndarray:
+    """Top probability per row."""
+    return _as_2d(probs).max(axis=1)
+
+
+def margin(probs) -> np.ndarray:
+    """Top probability minus the runner-up (the top probability itself when there is one class)."""
+    p = _as_2d(probs)
+    if p.shape[1] == 1:
+        return p[:, 0].copy()
+    top2 = np.partition(p, -2, axis=1)[:, -2:]
+    return top2[:, 1] - top2[:, 0]
+
+
+def entropy(probs) -> np.ndarray:
+    """Shannon entropy in nats (0 log 0 = 0)."""
+    p = _as_2d(probs)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        terms = np.where(p > 0, p * np.log(np.where(p > 0, p, 1.0)), 0.0)
+    return -terms.sum(axis=1)
+
+
+def loss(labels_idx, probs) -> np.ndarray:
+    """Cross-entropy ``-log p[label]`` per row; NaN where the label is unknown (index < 0)."""
+    p = _as_2d(probs)
+    idx = np.asarray(labels_idx, dtype=np.int64)
+    if idx.shape != (p.shape[0],):
+        raise ValueError(f"labels_idx must have shape ({p.shape[0]},), got {idx.shape}")
+    if (idx >= p.shape[1]).any():
+        raise ValueError("label index out of range")
+    known = idx >= 0
+    picked = p[np.arange(p.shape[0]), np.where(known, idx, 0)]
+    return np.where(known, -np.log(np.clip(picked, _EPS, 1.0)), np.nan)
+
+
+def unit_hash(keys: Iterable[str], salt: str = "") -> np.ndarray:
+    """Deterministic uniform [0, 1) per key (sha256): the same on every replica and in every test run."""
+    out = [int.from_bytes(hashlib.sha256((salt + k).encode()).digest()[:8], "big") for k in keys]
+    return np.asarray(out, dtype=np.float64) / 2.0**64
+
+
+def is_audit(prediction_ids: Iterable[str], rate: float) -> np.ndarray:
+    """The audit sample: a uniform share ``rate`` of ALL predictions, whatever their confidence."""
+    return unit_hash(prediction_ids, "audit:") < rate
+
+
+def needs_second_opinion(image_shas: Iterable[str], rate: float) -> np.ndarray:
+    return unit_hash(image_shas, "second:") < rate
+
+
+def review_reasons(conf, marg, loss_, audit, *, low_confidence: float, low_margin: float, high_loss: float,
+                   dataset=None, flagged=None) -> np.ndarray:
+    """Bit mask of reasons per row (review.types flags).
+
+    ``loss_`` is NaN where no label is known. Rows with ``dataset`` True come from a dataset import: they are
+    queued only for a high loss against the dataset's own label (reason DATASET): that audit is about the
+    labels, and neither confidence nor the traffic audit sample applies to them.
+    """
+    conf = np.asarray(conf, dtype=np.float64)
+    n = conf.shape[0]
+    marg = np.asarray(marg, dtype=np.float64)
+    lo = np.asarray(loss_, dtype=np.float64)
+    ds = np.zeros(n, bool) if dataset is None else np.asarray(dataset, bool)
+    fl = np.zeros(n, bool) if flagged is None else np.asarray(flagged, bool)
+    with np.errstate(invalid="ignore"):
+        lossy = np.nan_to_num(lo, nan=-np.inf) > high_loss
+    unsure = (conf < low_confidence) | (marg < low_margin)
+    traffic = np.where(unsure, LOW_CONFIDENCE, 0) | np.where(lossy, HIGH_LOSS, 0) | np.where(
+        np.asarray(audit, bool), AUDIT, 0) | np.where(fl, USER_FLAGGED, 0)
+    return np.where(ds, np.where(lossy, DATASET, 0), traffic).astype(np.int64)
+
+
+def queue_priority(reasons, conf, marg, loss_) -> np.ndarray:
+    """Higher = reviewed sooner; the tiers are described in the module docstring."""
+    r = np.asarray(reasons, dtype=np.int64)
+    conf = np.asarray(conf, dtype=np.float64)
+    marg = np.clip(np.asarray(marg, dtype=np.float64), 0.0, 1.0)
+    lo = np.asarray(loss_, dtype=np.float64)
+    flagged_bound = -np.log(np.clip(1.0 - conf, _EPS, 1.0))
+    known = np.where(np.isnan(lo), -np.inf, lo)
+    eff = np.where(r & USER_FLAGGED, np.maximum(known, flagged_bound), known)
+    eff = np.clip(np.where(np.isfinite(eff), eff, 0.0), 0.0, None)
+    tier3 = 3.0 + eff / (1.0 + eff)  # monotone in loss, stays below 4
+    tier1 = 1.0 + (1.0 - marg) * 0.999  # stays below 2
+    return np.select([(r & _TIER3) != 0, (r & AUDIT) != 0, (r & LOW_CONFIDENCE) != 0], [tier3, 2.0, tier1], 0.0)

@@ -1,0 +1,136 @@
+"""Background writer: logging a prediction costs the request one ``queue.put``.
+
+One daemon thread drains a bounded FIFO in batches and hands each batch to ``write_batch`` (image files first,
+then all rows in ONE transaction). FIFO order means feedback always lands after the prediction it is about.
+
+Back-pressure: when the queue is full (the database is slower than the traffic, or down) the caller blocks for
+up to ``block_s`` seconds - slower answers rather than lost records. If the queue is still full after that,
+the record is dropped, logged at ERROR and counted in ``dropped`` (counts()["log_dropped"]): serving answers
+matters more than logging them, and the loss is loud, never silent.
+
+Failures: an ``OperationalError`` (lock timeout, lost connection) is retried with backoff, forever, because
+the data is fine and the database will come back; any other error is a bad record: the batch is retried one
+record at a time and the records that still fail are logged with their traceback and counted in ``failed``.
+``close()`` drains everything still queued (clean shutdown loses nothing).
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from collections.abc import Callable
+
+from sqlalchemy.exc import OperationalError
+
+log = logging.getLogger(__name__)
+_STOP = object()
+
+
+class BackgroundWriter:
+    def __init__(self, write_batch: Callable[[list], None], *, maxsize: int = 256, batch_max: int = 16,
+                 block_s: float = 5.0, name: str = "review-writer"):
+        self._write_batch = write_batch
+        self._queue: queue.Queue = queue.Queue(maxsize=maxsize)
+        self._batch_max = batch_max
+        self._block_s = block_s
+        self._lock = threading.Lock()
+        self._pending: set[str] = set()  # prediction ids accepted but not yet committed
+        self.dropped = 0
+        self.failed = 0
+        self.written = 0
+        self._closed = False
+        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
+        self._thread.start()
+
+    def submit(self, record, key: str | None = None) -> bool:
+        """Queue a record; False if it had to be dropped (see module docstring)."""
+        if self._closed:
+            raise RuntimeError("the review writer is closed")
+        if key is not None:
+            with self._lock:
+                self._pending.add(key)
+        try:
+            self._queue.put((record, key), timeout=self._block_s)
+        except queue.Full:
+            with self._lock:
+                self.dropped += 1
+                self._pending.discard(key)
+            log.error("review log queue full for %.1f s: record %s dropped (database too slow or down?)",
+                      self._block_s, key)
+            return False
+        return True
+
+    def is_pending(self, key: str) -> bool:
+        with self._lock:
+            return key in self._pending
+
+    def backlog(self) -> int:
+        return self._queue.qsize()
+
+    def flush(self) -> None:
+        """Block until everything submitted so far is written (or given up on)."""
+        self._queue.join()
+
+    def close(self, timeout: float | None = 60.0) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        self._queue.put((_STOP, None))  # after every queued record: FIFO drains them first
+        self._thread.join(timeout)
+        if self._thread.is_alive():
+            log.error("review writer did not finish within %s s; %d records not written", timeout, self.backlog())
+
+    def _run(self) -> None:
+        while True:
+            first = self._queue.get()
+            batch = [first]
+            while len(batch) < self._batch_max and first[0] is not _STOP:
+                try:
+                    item = self._queue.get_nowait()
+                except queue.Empty:
+                    break
+                batch.append(item)
+                if item[0] is _STOP:
+                    break
+            stop = batch[-1][0] is _STOP
+            work = [item for item in batch if item[0] is not _STOP]
+            if work:
+                self._write(work)
+            for _ in batch:
+                self._queue.task_done()
+            if stop:
+                return
+
+    def _write(self, work: list) -> None:
+        records = [rec for rec, _ in work]
+        try:
+            self._retry(records)
+        except Exception:  # not a transient database error: find the bad record(s)
+            log.exception("review writer: batch of %d failed; retrying one record at a time", len(records))
+            for rec in records:
+                try:
+                    self._retry([rec])
+                except Exception:
+                    log.exception("review writer: record %r could not be written and is dropped", rec)
+                    with self._lock:
+                        self.failed += 1
+                else:
+                    self.written += 1
+        else:
+            self.written += len(records)
+        with self._lock:
+            for _, key in work:
+                self._pending.discard(key)
+
+    def _retry(self, records: list) -> None:
+        delay = 0.05
+        while True:
+            try:
+                self._write_batch(records)
+                return
+            except OperationalError:
+                log.warning("review writer: database unavailable, retrying in %.2f s", delay, exc_info=True)
+                time.sleep(delay)
+                delay = min(delay * 2, 5.0)

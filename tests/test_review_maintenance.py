@@ -1,0 +1,152 @@
+import json
+import os
+import subprocess
+import sys
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pytest
+from sqlalchemy import select
+
+from review import __main__ as cli
+from review import synthetic
+from review.auth import check_password
+from review.db import Prediction, QueueEntry
+from review.types import ReviewError
+from tests import review_fixtures as rf
+from tests.review_fixtures import MODEL, FakeClock, probs, square
+
+services, sqlite_url, db_url = rf.services, rf.sqlite_url, rf.db_url  # fixtures
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def log(svc, img, p=None, **kw):
+    pid = svc.log_prediction(image=img, probs=probs(0.5, 0.3, 0.2) if p is None else p, source="upload",
+                             latency_ms=1, **kw)
+    svc.flush()
+    return pid
+
+
+def test_reconcile_finds_and_fixes_both_directions(services, sqlite_url):
+    svc = services(sqlite_url)
+    for i in range(3):
+        log(svc, square((i, 50, 50)))
+    shas = sorted(svc.store.iter_shas())
+    lost = shas[0]
+    svc.store.path(lost).unlink()
+    old = time.time() - 7200
+    orphan = svc.store.put_bytes(b"written, then the process died before its row")
+    os.utime(svc.store.path(orphan), (old, old))
+    svc.store.put_bytes(b"young orphan: its row may be on its way")
+    tmp = svc.store.root / "ab" / ".abcdef12-x.tmp"
+    tmp.parent.mkdir(exist_ok=True)
+    tmp.write_bytes(b"half a file")
+    os.utime(tmp, (old, old))
+
+    report = svc.reconcile()
+    assert (report.missing_files, report.orphan_files, report.young_orphans) == ([lost], [orphan], 1)
+    assert report.temp_files == [str(tmp)] and not report.clean
+    assert svc.store.exists(orphan)  # without --fix nothing changes
+
+    assert svc.reconcile(fix=True).fixed
+    after = svc.reconcile()
+    assert after.clean and after.young_orphans == 1 and not svc.store.exists(orphan) and not tmp.exists()
+    rows = svc.transaction(lambda s: s.execute(select(Prediction.image_sha256)).scalars().all(), read=True)
+    assert rows.count(None) == 1 and lost not in rows  # the prediction stays, without its image
+    status = svc.transaction(lambda s: s.scalar(select(QueueEntry.status).where(QueueEntry.image_sha256 == lost)),
+                             read=True)
+    assert status == "purged" and svc.counts()["queue_open"] == 2
+
+
+def test_purge_keeps_decisions_and_dataset(services, sqlite_url, tmp_path):
+    clock = FakeClock()
+    svc = services(sqlite_url, clock=clock)
+    a, b, c = square((10, 1, 1)), square((20, 1, 1)), square((30, 1, 1))
+    for img in (a, b, c):
+        log(svc, img)
+    svc.import_dataset(_one_image_dataset(tmp_path), lambda imgs: np.tile(probs(0.1, 0.1, 0.8), (len(imgs), 1)))
+    item = svc.next_item("alice")
+    assert item.reasons == ("dataset",)
+    svc.decide("alice", item.item_id, action="relabel", label="blue", idempotency_key="ds")
+    decided = svc.next_item("alice")
+    svc.decide("alice", decided.item_id, action="confirm", label=None, idempotency_key="a")
+    clock.advance(days=10)
+    log(svc, b.copy())  # b is seen again recently: its image must stay
+    new = log(svc, square((40, 1, 1)))
+
+    with pytest.raises(ReviewError, match="retention"):
+        svc.purge()
+    dry = svc.purge(days=5, dry_run=True)
+    assert dry.predictions == 3 and len(dry.images) == 2 and svc.counts()["predictions"] == 6
+    report = svc.purge(days=5)
+    assert report.predictions == 3 and len(report.images) == 2 and report.items_closed == 1
+    assert all(not svc.store.exists(sha) for sha in report.images) and decided.image_sha256 in report.images
+    counts = svc.counts()
+    assert counts["predictions"] == 3 and counts["queue_purged"] == 1 and counts["queue_done"] == 2
+    assert counts["decisions"]["confirm"] == 1  # decisions are kept
+    ids = []
+    while (it := svc.next_item("bob")) is not None:
+        ids.append(it.prediction_id)
+        svc.decide("bob", it.item_id, action="confirm", label=None, idempotency_key=it.prediction_id)
+    assert new in ids and len(ids) == 2  # b's open item now shows its recent prediction
+    export = svc.export(tmp_path / "export")
+    assert export.missing_images == 1 and export.labelled == 3  # dataset item + b + the new one
+    assert svc.reconcile(grace_s=0).clean
+
+
+def _one_image_dataset(tmp_path):
+    (tmp_path / "ds" / "red").mkdir(parents=True)
+    square((200, 0, 0), mark=3).save(tmp_path / "ds" / "red" / "x.png")
+    return tmp_path / "ds"
+
+
+def test_rescore_queues_what_the_new_model_contradicts(services, sqlite_url):
+    old = services(sqlite_url)
+    agree = log(old, square((1, 1, 1)), probs(0.9, 0.05, 0.05), claimed_label="red")
+    log(old, square((2, 2, 2)), probs(0.9, 0.05, 0.05))  # no label: nothing to rescore
+    assert old.counts()["queue_open"] == 0  # confident, and the old model agrees with the claimed label
+    new_model = replace(MODEL, sha256="cd" * 32)
+    new = services(sqlite_url, model=new_model)
+    contradict = lambda imgs: np.tile(probs(0.05, 0.05, 0.9), (len(imgs), 1))  # noqa: E731
+    done = new.rescore(contradict)
+    assert done == {"scored": 1, "queued": 1, "missing_images": 0}
+    item = new.next_item("alice")
+    assert item.reasons == ("high_loss",) and item.model_version == new_model.version and item.predicted == "blue"
+    assert item.claimed_labels == ("red",) and item.seen == 2
+    assert new.rescore(contradict)["scored"] == 0  # already scored by this version
+    assert agree
+
+
+def test_synthetic_population(db_url, services):
+    svc = services(db_url)
+    made = synthetic.populate(svc.engine, 3000, chunk=1000)
+    counts = svc.counts()
+    assert counts["predictions"] == 3000 and counts["queue_open"] == made["queued"] > 0
+    best = svc.transaction(lambda s: s.scalar(select(QueueEntry.priority).order_by(QueueEntry.priority.desc())),
+                           read=True)
+    item = svc.next_item("bench")
+    got = svc.transaction(lambda s: s.get(QueueEntry, item.item_id).priority, read=True)
+    assert got == best
+
+
+def test_cli_in_process(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("LOUPE_DATA_DIR", str(tmp_path))
+    monkeypatch.delenv("LOUPE_DATABASE_URL", raising=False)
+    monkeypatch.delenv("DATABASE_URL", raising=False)
+    monkeypatch.delenv("LOUPE_RETENTION_DAYS", raising=False)
+    assert cli.main(["reconcile"]) == 0
+    assert json.loads(capsys.readouterr().out)["clean"] is True
+    assert cli.main(["purge"]) == 2
+    assert "LOUPE_RETENTION_DAYS" in capsys.readouterr().err
+    assert cli.main(["purge", "--days", "1", "--dry-run"]) == 0
+    assert json.loads(capsys.readouterr().out)["predictions"] == 0
+    assert cli.main(["export", str(tmp_path / "out")]) == 0
+    assert (tmp_path / "out" / "labels.csv").read_text().splitlines() == ["fname,label,is_valid"]
+
+
+def test_cli_hash_password_subprocess():
+    out = subprocess.run([sys.executable, "-m", "review", "hash-password"], input="s3cret\n", text=True,
+                         capture_output=True, cwd=ROOT, timeout=60, check=True).stdout.strip()
+    assert out.startswith("pbkdf2_sha256$") and check_password("s3cret", out) and not check_password("x", out)
