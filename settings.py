@@ -13,7 +13,8 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
 class Settings(BaseSettings):
-    model_config = SettingsConfigDict(env_prefix="LOUPE_", extra="ignore")
+    # populate_by_name: Settings(database_url=...) must work in code too, not only the env aliases.
+    model_config = SettingsConfigDict(env_prefix="LOUPE_", extra="ignore", populate_by_name=True)
 
     # --- model -------------------------------------------------------------
     model_path: Path | None = Field(
@@ -50,6 +51,13 @@ class Settings(BaseSettings):
     store_uploads: bool = True
     retention_days: int | None = Field(default=None, ge=1)
     stream_log_every: int = Field(default=10, ge=1, description="Log one live-stream frame in N.")
+    log_queue_size: int = Field(
+        default=256, ge=1, description="Predictions waiting for the background writer before callers wait."
+    )
+    log_block_s: float = Field(
+        default=5.0, ge=0, description="How long a caller waits for room in a full log queue before the record "
+        "is dropped (logged as an error and counted)."
+    )
 
     # --- review ------------------------------------------------------------
     audit_rate: float = Field(default=0.02, ge=0, le=1)
@@ -61,6 +69,8 @@ class Settings(BaseSettings):
     reviewers: str = Field(default="", description="'name:pbkdf2-hash,...' (see `python -m review hash-password`).")
     hf_allowlist: str = Field(default="", description="HF usernames allowed to review, comma-separated.")
     session_secret: str | None = None
+    space_id: str | None = Field(default=None, validation_alias=AliasChoices("LOUPE_SPACE_ID", "SPACE_ID"),
+                                 description="Set by Hugging Face Spaces; enables HF sign-in for reviewers.")
 
     @property
     def cache_dir(self) -> Path:

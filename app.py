@@ -1,0 +1,58 @@
+"""Loupe: serve a fastai image classifier (Gradio UI + REST API). ``python app.py`` (also what HF Spaces runs).
+
+Thin on purpose: settings, logging, the model (loaded once), the review service, the server. Nothing heavy is
+imported at module level, so a bad setting or model file fails fast, before Gradio's ~5 s import.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+
+
+def main() -> None:
+    from pydantic import ValidationError
+
+    from settings import Settings
+
+    try:
+        settings = Settings()
+    except ValidationError as e:
+        print(f"loupe: invalid configuration (LOUPE_* environment variables):\n{e}", file=sys.stderr)
+        sys.exit(2)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    log = logging.getLogger("loupe")
+
+    from model.loading import ModelLoadError, load_predictor
+
+    try:
+        predictor = load_predictor(settings)
+    except ModelLoadError as e:
+        # The message names the file and what to do; a traceback would only bury it.
+        print(f"loupe: {e}", file=sys.stderr)
+        sys.exit(2)
+    info = predictor.info
+    log.info("serving %s (%s, %d classes)%s", info.version, info.backend, len(info.vocab),
+             f"; torch fallback: {info.fallback_reason}" if info.fallback_reason else "")
+
+    import uvicorn
+
+    from review.service import ReviewService
+    from ui.server import build_server
+
+    service = ReviewService.build(settings, info)
+    try:
+        app = build_server(settings, predictor, service)
+        # uvicorn logs "Uvicorn running on ..." once it really listens; per-request access lines are noise.
+        # Open browser tabs keep event streams open: without a graceful-shutdown timeout a SIGTERM would wait for
+        # them forever (and Docker's SIGKILL would then lose the unflushed prediction log).
+        uvicorn.run(app, host=settings.host, port=settings.port, log_level="info", access_log=False,
+                    timeout_graceful_shutdown=5)
+    except KeyboardInterrupt:
+        pass  # uvicorn re-raises Ctrl-C after its graceful shutdown; nothing left to report
+    finally:
+        service.close()  # flush the prediction log written in the background
+
+
+if __name__ == "__main__":
+    main()

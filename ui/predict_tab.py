@@ -1,0 +1,316 @@
+"""The public Predict UI: upload/clipboard, webcam snapshot, live webcam, sketchpad (demo), feedback.
+
+Every image, whichever tab it comes from, reaches us as a file in Gradio's upload cache and goes through
+``decode_image`` (size cap, format allow-list, pixel cap from the header, EXIF, mode conversion): events
+use ``preprocess=False`` so Gradio's own PIL decoding (no pixel cap, cryptic errors) never runs.
+``PredictHandlers`` is plain Python so tests call it without a server.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import gradio as gr
+import numpy as np
+from PIL import Image
+
+from model.imageio import ImageRejected, decode_image
+from model.predictor import top_k
+from review.types import ReviewError
+
+MB = 1 << 20
+# Simultaneous live-webcam sessions. A stream holds its slot for its whole duration (up to
+# stream_time_limit), so this is "how many people can watch live predictions at once".
+LIVE_STREAMS = 4
+# Feedback and other cheap events; they never run the model.
+DEFAULT_CONCURRENCY = 4
+EMPTY_CANVAS = "The canvas is empty: draw a digit first."
+# Gradio's Sketchpad starts with no tool selected ("select the draw tool to start"): pick the brush when the
+# Draw tab opens. The tab's content may render a moment after the select event, hence the short retry.
+SELECT_BRUSH_JS = """() => { let tries = 0; const pick = () => {
+  const b = document.querySelector('#sketchpad button[aria-label="Brush"]');
+  if (b) { if (!b.classList.contains('highlight')) b.click(); } else if (tries++ < 40) setTimeout(pick, 50); };
+  pick(); }"""
+
+
+def max_upload_bytes(settings) -> int:
+    return int(settings.max_upload_mb * MB)
+
+
+def model_workers(settings) -> int:
+    """Batches of model work run at once: one per core's worth of intra-op threads."""
+    return max(1, (os.cpu_count() or 1) // settings.intra_op_threads)
+
+
+def serving_demo(settings) -> bool:
+    return settings.model_path is None
+
+
+def demo_examples() -> list[str]:
+    from model.demo import DEMO_EXAMPLES_DIR
+
+    return [str(p) for p in sorted(Path(DEMO_EXAMPLES_DIR).glob("*.png"))]
+
+
+@dataclass(frozen=True)
+class Prediction:
+    id: str
+    probs: np.ndarray
+    label: str
+    latency_ms: float
+
+
+class PredictHandlers:
+    """Event handlers behind the Predict UI. No Gradio server needed to call them."""
+
+    def __init__(self, settings, predictor, service):
+        self.settings = settings
+        self.predictor = predictor
+        self.service = service
+        self.info = predictor.info
+        self.max_bytes = max_upload_bytes(settings)
+
+    # ---- input ---------------------------------------------------------------------------
+    def read(self, payload) -> bytes | None:
+        """Raw bytes of an Image payload (a file in Gradio's upload cache, or a data: URL as live frames are),
+        a Sketchpad payload (its composite), or a plain path; None when there is no image.
+
+        At most max_bytes + 1 bytes are read, so decode_image can still tell "over the limit" from "at it".
+        """
+        if isinstance(payload, dict) and "composite" in payload:  # Sketchpad / ImageEditor value
+            payload = payload["composite"]
+        if isinstance(payload, dict):
+            url = str(payload.get("url") or "")
+            if not payload.get("path") and url.startswith("data:"):
+                return self._data_url_bytes(url)
+            payload = payload.get("path")
+        if not payload:
+            return None
+        with open(str(payload), "rb") as f:
+            return f.read(self.max_bytes + 1)
+
+    def _data_url_bytes(self, url: str) -> bytes:
+        header, _, b64 = url.partition(",")
+        if not header.endswith(";base64"):
+            raise ImageRejected("The browser sent an image in a form we cannot read; please try again.")
+        # Decode only what can matter: just enough characters for max_bytes + 1 bytes.
+        try:
+            return base64.b64decode(b64[: -(-(self.max_bytes + 1) // 3) * 4])[: self.max_bytes + 1]
+        except binascii.Error:
+            raise ImageRejected("The browser sent a damaged image; please try again.") from None
+
+    def decode(self, data: bytes) -> Image.Image:
+        return decode_image(data, max_bytes=self.max_bytes, max_pixels=self.settings.max_pixels)
+
+    def _decode_payload(self, payload, source: str) -> Image.Image | ImageRejected | None:
+        try:
+            data = self.read(payload)
+            if data is None:
+                return ImageRejected(EMPTY_CANVAS) if source == "sketch" else None
+            img = self.decode(data)
+        except ImageRejected as e:
+            return e
+        except FileNotFoundError:  # Gradio's cache was cleaned under an old tab (delete_cache)
+            return ImageRejected("This upload is no longer available; please upload the image again.")
+        if source == "sketch" and img.convert("L").getextrema()[0] > 250:
+            # A blank canvas is a valid image, but classifying white paper only adds noise to the log.
+            return ImageRejected(EMPTY_CANVAS)
+        return img
+
+    # ---- prediction ----------------------------------------------------------------------
+    def classify(self, payloads: list, source: str) -> list[Prediction | ImageRejected | None]:
+        """Decode each item, run the model ONCE on all good ones, log each prediction."""
+        start = time.perf_counter()
+        decoded = [self._decode_payload(p, source) for p in payloads]
+        images = [d for d in decoded if isinstance(d, Image.Image)]
+        probs = self.predictor.predict_probs(images) if images else None
+        latency_ms = (time.perf_counter() - start) * 1000
+        rows = iter(probs if probs is not None else ())
+        out: list[Prediction | ImageRejected | None] = []
+        for d in decoded:
+            if not isinstance(d, Image.Image):
+                out.append(d)  # rejected or empty: nothing logged, nothing stored
+                continue
+            row = next(rows)
+            pid = self.service.log_prediction(image=d, probs=row, source=source, latency_ms=latency_ms)
+            out.append(Prediction(pid, row, self.info.vocab[int(np.argmax(row))], latency_ms))
+        return out
+
+    def describe(self, latency_ms: float) -> str:
+        return f"Model `{self.info.version}` · {self.info.backend} · {latency_ms:.1f} ms"
+
+    def predict_batch(self, payloads: list, source: str) -> tuple[list, list, list]:
+        """Gradio batch function: lists in, one list per output component out (label, info line, state).
+
+        A batch of one that is rejected raises ``gr.Error`` (the usual case: a person's own bad file).
+        In a batch of several, raising would fail everyone's request, so a rejected item gets its message
+        in its own info line while the others get their answers.
+        """
+        results = self.classify(list(payloads), source)
+        if len(results) == 1 and isinstance(results[0], ImageRejected):
+            raise gr.Error(results[0].args[0], print_exception=False)
+        labels, infos, states = [], [], []
+        for r in results:
+            if isinstance(r, Prediction):
+                labels.append(top_k(r.probs, self.info.vocab, self.settings.top_k))
+                infos.append(self.describe(r.latency_ms))
+                states.append({"id": r.id, "label": r.label})
+            else:
+                labels.append(None)
+                infos.append(f"**Image not accepted:** {r.args[0]}" if isinstance(r, ImageRejected) else "")
+                states.append(None)
+        return labels, infos, states
+
+    def stream_frame(self, payload, count: int | None) -> tuple:
+        """One live-webcam frame -> (top-k, info, frame count). Logs one frame in ``stream_log_every``."""
+        start = time.perf_counter()
+        img = self._decode_payload(payload, "stream")
+        if img is None:  # the stream has not produced a frame yet
+            return gr.skip(), gr.skip(), count
+        if isinstance(img, ImageRejected):
+            # Raising would end the whole stream over one bad frame; show it and keep going.
+            return None, f"**Frame skipped:** {img.args[0]}", count
+        probs = self.predictor.predict_probs([img])[0]
+        latency_ms = (time.perf_counter() - start) * 1000
+        count = (count or 0) + 1
+        if (count - 1) % self.settings.stream_log_every == 0:  # first frame, then every Nth
+            self.service.log_prediction(image=img, probs=probs, source="stream", latency_ms=latency_ms)
+        return top_k(probs, self.info.vocab, self.settings.top_k), self.describe(latency_ms), count
+
+    # ---- feedback ------------------------------------------------------------------------
+    def feedback(self, state: dict | None, *, correct: bool | None, claimed: str | None = None) -> str:
+        """Record "Is this right?" (``correct``) or "the right answer is ..." (``claimed``) for the last prediction."""
+        if not state:
+            return "Classify an image first, then tell us whether the answer was right."
+        if claimed is not None:
+            if claimed not in self.info.vocab:
+                raise gr.Error("Pick one of the listed classes.", print_exception=False)
+            correct = claimed == state["label"]
+        try:
+            self.service.record_feedback(state["id"], correct=correct, claimed_label=claimed)
+        except ReviewError as e:  # e.g. the prediction was purged meanwhile; the message is safe to show
+            raise gr.Error(e.args[0], print_exception=False) from None
+        if correct:
+            return "Thanks, noted: the answer was right."
+        if claimed is None:
+            return "Thanks, noted. If you know the right answer, pick it above."
+        return f"Thanks, noted: the right answer is **{claimed}**."
+
+
+def storage_notice(settings) -> str:
+    if settings.store_uploads:
+        days = f" for {settings.retention_days} days" if settings.retention_days else ""
+        return (f"Images you submit are stored{days} with the model's prediction so that people on our team "
+                "can review them and improve the model. Don't submit images you don't want kept.")
+    return "Images you submit are not stored: they are classified and then discarded."
+
+
+def build_predict_app(settings, predictor, service) -> gr.Blocks:
+    h = PredictHandlers(settings, predictor, service)
+    info = predictor.info
+    demo_mode = serving_demo(settings)
+    with gr.Blocks(title=f"Loupe · {info.name}", analytics_enabled=False, delete_cache=(600, 600)) as app:
+        gr.Markdown(f"# Loupe · {info.name}\nAn image classifier for {len(info.vocab)} classes "
+                    f"(model `{info.version}`, {info.backend}).", elem_id="header")
+        gr.Markdown(storage_notice(settings), elem_id="storage-notice")
+        pred_state = gr.State(None)
+        with gr.Row():
+            with gr.Column(scale=3):
+                with gr.Tabs(elem_id="input-tabs"):
+                    with gr.Tab("Upload", id="upload") as upload_tab:
+                        upload = gr.Image(sources=["upload", "clipboard"], type="filepath", image_mode=None,
+                                          label="Upload or paste an image", elem_id="upload-image", height=360)
+                        examples = None
+                        if demo_mode and (paths := demo_examples()):
+                            examples = gr.Examples([[p] for p in paths], inputs=[upload], cache_examples=False,
+                                                   label="Examples (click one)", elem_id="examples",
+                                                   examples_per_page=10)
+                    with gr.Tab("Webcam", id="webcam") as webcam_tab:
+                        webcam = gr.Image(sources=["webcam"], type="filepath", image_mode=None,
+                                          label="Take a photo", elem_id="webcam-image", height=360,
+                                          webcam_options=gr.WebcamOptions(mirror=False))
+                    with gr.Tab("Live webcam", id="live") as live_tab:
+                        with gr.Row():
+                            live = gr.Image(sources=["webcam"], type="filepath", image_mode=None, streaming=True,
+                                            label="Live camera", elem_id="live-image", height=300,
+                                            webcam_options=gr.WebcamOptions(mirror=False))
+                            with gr.Column():
+                                live_label = gr.Label(num_top_classes=settings.top_k, label="Live prediction",
+                                                      elem_id="live-label")
+                                live_info = gr.Markdown(elem_id="live-info")
+                        live_count = gr.State(0)
+                    if demo_mode:
+                        with gr.Tab("Draw", id="draw") as draw_tab:
+                            # Black, thick strokes on a white background: what the digits were trained on, and
+                            # thick enough to survive downscaling a 280 px canvas to 32 px.
+                            sketch = gr.Sketchpad(type="filepath", image_mode="RGBA", canvas_size=(280, 280),
+                                                  brush=gr.Brush(default_size=22, colors=["#000000"],
+                                                                 default_color="#000000", color_mode="fixed"),
+                                                  label="Draw a digit", elem_id="sketchpad", layers=False)
+                            sketch_btn = gr.Button("Classify drawing", variant="primary", elem_id="sketch-submit")
+            with gr.Column(scale=2) as result_column:
+                label = gr.Label(num_top_classes=settings.top_k, label="Prediction", elem_id="prediction-label")
+                info_md = gr.Markdown(elem_id="prediction-info")
+                with gr.Group(elem_id="feedback"):
+                    gr.Markdown("**Is this right?**")
+                    with gr.Row():
+                        yes = gr.Button("Yes", size="sm", elem_id="feedback-yes")
+                        no = gr.Button("No", size="sm", elem_id="feedback-no")
+                    claimed = gr.Dropdown(choices=list(info.vocab), value=None, label="The right answer is …",
+                                          elem_id="feedback-label", interactive=True)
+                feedback_md = gr.Markdown(elem_id="feedback-status")
+
+        # Batched model events share one concurrency group: the limit is on model work, whatever the tab.
+        model_event = dict(outputs=[label, info_md, pred_state], batch=True, max_batch_size=settings.max_batch_size,
+                           preprocess=False, concurrency_limit=model_workers(settings), concurrency_id="model")
+
+        # (param names show in the API docs; with batch=True each is really a list of images)
+        def predict(image):
+            return h.predict_batch(image, "upload")
+
+        def predict_webcam(image):
+            return h.predict_batch(image, "webcam")
+
+        def predict_sketch(drawing):
+            return h.predict_batch(drawing, "sketch")
+
+        def new_prediction():  # feedback widgets start afresh for each answer
+            return None, ""
+
+        # .upload, not .change: .change fires twice when an image replaces another (two predictions, two rows).
+        events = [upload.upload(predict, inputs=[upload], api_name="predict", **model_event),
+                  webcam.upload(predict_webcam, inputs=[webcam], api_name="predict_webcam",
+                                api_visibility="private", **model_event)]
+        if examples is not None:
+            events.append(examples.load_input_event.then(predict, inputs=[upload], api_visibility="private",
+                                                         **model_event))
+        # The live tab shows its own answers; the shared result column would only show a stale one there.
+        for tab in (upload_tab, webcam_tab, live_tab, *([draw_tab] if demo_mode else [])):
+            tab.select(lambda shown=tab is not live_tab: gr.update(visible=shown), outputs=[result_column],
+                       queue=False, api_visibility="private")
+        if demo_mode:
+            draw_tab.select(None, js=SELECT_BRUSH_JS)
+            events.append(sketch_btn.click(predict_sketch, inputs=[sketch], api_name="predict_sketch",
+                                           api_visibility="private", **model_event))
+        for event in events:
+            event.success(new_prediction, outputs=[claimed, feedback_md], queue=False, api_visibility="private")
+        live.stream(h.stream_frame, inputs=[live, live_count], outputs=[live_label, live_info, live_count],
+                    preprocess=False, stream_every=settings.stream_every, time_limit=settings.stream_time_limit,
+                    concurrency_limit=LIVE_STREAMS, concurrency_id="live", api_name="predict_stream",
+                    api_visibility="private", show_progress="hidden")
+
+        yes.click(lambda s: h.feedback(s, correct=True), inputs=[pred_state], outputs=[feedback_md],
+                  api_visibility="private")
+        no.click(lambda s: h.feedback(s, correct=False), inputs=[pred_state], outputs=[feedback_md],
+                 api_visibility="private")
+        # .input (not .change): only a person's choice counts, not our reset after a new prediction.
+        claimed.input(lambda s, c: h.feedback(s, correct=None, claimed=c) if c else gr.skip(),
+                      inputs=[pred_state, claimed], outputs=[feedback_md], api_visibility="private")
+    # A full queue answers at once ("busy, try again") instead of making everyone wait.
+    app.queue(max_size=settings.queue_max_size, default_concurrency_limit=DEFAULT_CONCURRENCY)
+    return app
