@@ -71,6 +71,13 @@ class Settings(BaseSettings):
     session_secret: str | None = None
     space_id: str | None = Field(default=None, validation_alias=AliasChoices("LOUPE_SPACE_ID", "SPACE_ID"),
                                  description="Set by Hugging Face Spaces; enables HF sign-in for reviewers.")
+    oauth_client_secret: str | None = Field(default=None, validation_alias=AliasChoices("OAUTH_CLIENT_SECRET"),
+                                            description="Set by Spaces with hf_oauth; signs the sign-in session.")
+
+    @property
+    def hf_sign_in(self) -> bool:
+        """Reviewers sign in with Hugging Face: on a Space, with an allowlist."""
+        return bool(self.space_id and self.hf_allowlist.strip())
 
     @property
     def cache_dir(self) -> Path:

@@ -218,6 +218,9 @@ def build_predict_app(settings, predictor, service) -> gr.Blocks:
         gr.Markdown(f"# Loupe · {info.name}\nAn image classifier for {len(info.vocab)} classes "
                     f"(model `{info.version}`, {info.backend}).", elem_id="header")
         gr.Markdown(storage_notice(settings), elem_id="storage-notice")
+        if settings.hf_sign_in:
+            # HF's OAuth callback lives on this (public) app; the /review mount reads the shared session.
+            gr.LoginButton("Reviewer sign-in", elem_id="hf-login")
         pred_state = gr.State(None)
         with gr.Row():
             with gr.Column(scale=3):

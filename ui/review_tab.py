@@ -329,7 +329,7 @@ def build_review_app(settings, service, vocab) -> gr.Blocks:
 
 def review_mount_options(settings) -> dict:
     """auth for ``gr.mount_gradio_app(..., path="/review")``: HF OAuth allowlist on a Space, else accounts."""
-    if settings.hf_allowlist.strip() and settings.space_id:
+    if settings.hf_sign_in:
         return {"auth_dependency": hf_auth_dependency(settings), "css": CSS}
     message = "Reviewers only." if settings.reviewers.strip() else "No reviewer accounts are configured " \
         "(set LOUPE_REVIEWERS; see `python -m review hash-password`)."

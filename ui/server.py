@@ -7,6 +7,7 @@ server behaves the same wherever it runs.
 
 from __future__ import annotations
 
+import hashlib
 from pathlib import Path
 
 import gradio as gr
@@ -58,10 +59,23 @@ def build_server(settings, predictor, service, *, gate: Gate | None = None) -> F
     # Gradio's logout (and people typing the address) land on /review without the slash, which the
     # public mount at "/" would answer with 404.
     app.add_api_route("/review", lambda: RedirectResponse("/review/"), include_in_schema=False)
+    if settings.hf_sign_in:
+        _share_oauth_session(app, settings)
     _mount_review(app, settings, predictor, service)
     public = build_predict_app(settings, predictor, service)
     gr.mount_gradio_app(app, public, path="/", **hardening(settings))
     return app
+
+
+def _share_oauth_session(app: FastAPI, settings) -> None:
+    """Let /review read the HF sign-in session that Gradio's OAuth routes set on the public app.
+
+    Same cookie and secret as gradio.oauth.attach_oauth, so both mounts see one session.
+    """
+    from starlette.middleware.sessions import SessionMiddleware
+
+    secret = hashlib.sha256(((settings.oauth_client_secret or "") + "-v4").encode()).hexdigest()
+    app.add_middleware(SessionMiddleware, secret_key=secret, same_site="none", https_only=True)
 
 
 def _mount_review(app: FastAPI, settings, predictor, service) -> None:
