@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import sys
+import threading
 
 
 def main() -> None:
@@ -41,6 +42,12 @@ def main() -> None:
     from ui.server import build_server
 
     service = ReviewService.build(settings, info)
+    # A new model version re-scores every image with a known label, so what it now gets confidently wrong
+    # reaches the review queue (only images this version has not scored yet: cheap on later starts).
+    def rescore() -> None:
+        log.info("labelled images re-scored by %s: %s", info.version, service.rescore(predictor.predict_probs))
+
+    threading.Thread(target=rescore, name="rescore", daemon=True).start()
     try:
         app = build_server(settings, predictor, service)
         # uvicorn logs "Uvicorn running on ..." once it really listens; per-request access lines are noise.
