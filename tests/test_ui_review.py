@@ -20,13 +20,13 @@ from review.db import Decision, QueueEntry
 from review.service import ReviewService
 from settings import Settings
 from ui.review_auth import auth_fn, hf_auth_dependency, require_reviewer
+from ui.review_keys import shortcut_keys
 from ui.review_tab import (
     ReviewHandlers,
     Screen,
     build_review_app,
     image_html,
     review_mount_options,
-    shortcut_keys,
 )
 
 VOCAB = ("cat", "dog", "bird")

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import base64
 import io
-import json
 import threading
 import time
 import uuid
@@ -23,13 +22,12 @@ from PIL import Image
 
 from review.types import REASON_TEXT, REASONS, DecisionResult, QueueItem, ReviewError
 from ui.review_auth import auth_fn, hf_auth_dependency, require_reviewer
+from ui.review_keys import key_hint, keyboard_js, shortcut_keys
 
 MAX_SIDE = 1280  # reviewers need detail, not the original 40-megapixel file over the wire
 SMALL_SIDE = 256  # below this the browser enlarges the image pixelated, not blurred
 PASS_THROUGH_BYTES = 400_000  # small stored PNGs are sent as they are: no decode/encode on the hot path
-ACTION_KEYS = {"Enter": "review-confirm", "x": "review-ood", "b": "review-bad", "s": "review-skip", "u": "review-undo"}
 COUNTS_EVERY_S = 15.0
-RESERVED = {k for k in ACTION_KEYS if len(k) == 1}
 
 
 class Screen(NamedTuple):
@@ -42,43 +40,6 @@ class Screen(NamedTuple):
     token: str  # "<item_id>:<idempotency key>" of the item on screen, round-tripped by the browser
     state: dict
     choice: Any  # relabel selection, cleared for each item
-
-
-def shortcut_keys(vocab: tuple[str, ...]) -> dict[str, int]:
-    """Key -> class index: 1-9 and 0 for the first ten classes, plus each unambiguous first letter."""
-    keys = {str((i + 1) % 10): i for i in range(min(10, len(vocab)))}
-    firsts: dict[str, list[int]] = {}
-    for i, name in enumerate(vocab):
-        first = name[:1].lower()
-        if first.isascii() and first.isalpha() and first not in RESERVED:
-            firsts.setdefault(first, []).append(i)
-    keys.update({k: idx[0] for k, idx in firsts.items() if len(idx) == 1})
-    return keys
-
-
-def keyboard_js(vocab: tuple[str, ...]) -> str:
-    """Page-load JS: map keys to clicks on buttons by elem_id; never while the user types in a field."""
-    keymap = {**ACTION_KEYS, **{k: f"review-class-{i}" for k, i in shortcut_keys(vocab).items()}}
-    return _KEYBOARD_JS.replace("__KEYS__", json.dumps(keymap))
-
-
-_KEYBOARD_JS = """() => {
-  if (window.__loupeReviewKeys) return;  // Gradio may run load JS again; one listener is enough
-  window.__loupeReviewKeys = true;
-  const KEYS = __KEYS__;
-  const TYPING = new Set(["text", "search", "email", "number", "password", "url", "tel"]);
-  document.addEventListener("keydown", (e) => {
-    if (e.ctrlKey || e.metaKey || e.altKey || e.repeat || e.isComposing) return;
-    const t = e.target;
-    if (t && (t.isContentEditable || t.tagName === "TEXTAREA" || t.tagName === "SELECT" ||
-              (t.tagName === "INPUT" && TYPING.has((t.type || "text").toLowerCase())))) return;
-    const id = KEYS[e.key.length === 1 ? e.key.toLowerCase() : e.key];
-    const button = id && document.getElementById(id);
-    if (!button || button.disabled) return;
-    e.preventDefault();  // also stops Enter from "clicking" whichever button has focus
-    button.click();
-  });
-}"""
 
 
 def _md(text: object) -> str:
@@ -245,16 +206,11 @@ CSS = """
 """
 
 
-def _key_hint(i: int, name: str, keys: dict[str, int]) -> str:
-    mine = [k.upper() if k.isalpha() else k for k, idx in keys.items() if idx == i]
-    return f"{name}  [{' / '.join(mine)}]" if mine else name
-
-
 def build_review_app(settings, service, vocab) -> gr.Blocks:
     vocab = tuple(vocab)
     h = ReviewHandlers(settings, service, vocab)
     keys = shortcut_keys(vocab)
-    choices = [(_key_hint(i, name, keys), name) for i, name in enumerate(vocab)]
+    choices = [(key_hint(i, name, keys), name) for i, name in enumerate(vocab)]
     with gr.Blocks(title="Loupe · Review", analytics_enabled=False) as app:
         state = gr.State({"item_id": None, "key": None})
         with gr.Row():
