@@ -2,6 +2,8 @@
 
 A few requests run, a few more wait, the rest are told at once that the server is busy:
 an overloaded server should answer "try again" in milliseconds, not make everyone wait.
+Admission is a separate, non-blocking step so a caller can refuse a request *before* reading
+its body or handing it to a worker thread; running waits for a free slot.
 """
 
 from __future__ import annotations
@@ -23,11 +25,22 @@ class Gate:
         self._admitted = threading.BoundedSemaphore(concurrency + max_waiting)
 
     @contextmanager
-    def slot(self) -> Iterator[None]:
+    def admitted(self) -> Iterator[None]:
+        """Never blocks: raises Busy at once when running + waiting requests are at the bound."""
         if not self._admitted.acquire(blocking=False):
             raise Busy("The server is busy right now; please try again in a few seconds.")
         try:
-            with self._running:
-                yield
+            yield
         finally:
             self._admitted.release()
+
+    @contextmanager
+    def running(self) -> Iterator[None]:
+        """Blocks until one of the ``concurrency`` run slots is free (call it inside ``admitted``)."""
+        with self._running:
+            yield
+
+    @contextmanager
+    def slot(self) -> Iterator[None]:
+        with self.admitted(), self.running():
+            yield

@@ -49,13 +49,11 @@ class ApiHandlers:
         return error(413, f"This file is too large{got}; the limit is {_mb(self.max_bytes)}.")
 
     def predict_bytes(self, data: bytes, start: float) -> JSONResponse:
-        """Runs in a worker thread: decode and predict inside a Gate slot (decoding is CPU work too)."""
+        """Runs in a worker thread, already admitted: decode and predict in a run slot (decoding is CPU work too)."""
         try:
-            with self.gate.slot():
+            with self.gate.running():
                 img = decode_image(data, max_bytes=self.max_bytes, max_pixels=self.settings.max_pixels)
                 probs = self.predictor.predict_probs([img])[0]
-        except Busy as e:
-            return error(503, str(e), headers={"Retry-After": str(RETRY_AFTER_S)})
         except ImageRejected as e:
             return error(422, e.args[0])
         latency_ms = (time.perf_counter() - start) * 1000
@@ -72,6 +70,20 @@ class ApiHandlers:
             "latency_ms": round(latency_ms, 3),
             "prediction_id": pid,
         })
+
+
+    async def read_and_predict(self, request: Request, start: float) -> JSONResponse:
+        try:
+            async with request.form(max_files=1, max_fields=8) as form:
+                upload = form.get("file")
+                if not isinstance(upload, UploadFile):
+                    return error(422, "Send the image as multipart/form-data in a field named 'file'.")
+                data = await upload.read(self.max_bytes + 1)
+        except HTTPException as e:  # Starlette's malformed-multipart error, in our JSON shape
+            return error(e.status_code, f"Malformed upload: {e.detail}")
+        if len(data) > self.max_bytes:
+            return self.too_large()
+        return await run_in_threadpool(self.predict_bytes, data, start)
 
 
 def build_api_router(settings, predictor, service, gate: Gate) -> APIRouter:
@@ -102,15 +114,11 @@ def build_api_router(settings, predictor, service, gate: Gate) -> APIRouter:
         if not request.headers.get("content-type", "").startswith("multipart/form-data"):
             return error(415, "Send the image as multipart/form-data in a field named 'file'.")
         try:
-            async with request.form(max_files=1, max_fields=8) as form:
-                upload = form.get("file")
-                if not isinstance(upload, UploadFile):
-                    return error(422, "Send the image as multipart/form-data in a field named 'file'.")
-                data = await upload.read(api.max_bytes + 1)
-        except HTTPException as e:  # Starlette's malformed-multipart error, in our JSON shape
-            return error(e.status_code, f"Malformed upload: {e.detail}")
-        if len(data) > api.max_bytes:
-            return api.too_large()
-        return await run_in_threadpool(api.predict_bytes, data, start)
+            # Admission on the event loop, before the body is read or a worker thread is taken: under
+            # overload the refusal must cost next to nothing.
+            with api.gate.admitted():
+                return await api.read_and_predict(request, start)
+        except Busy as e:
+            return error(503, str(e), headers={"Retry-After": str(RETRY_AFTER_S)})
 
     return router
