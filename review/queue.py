@@ -50,7 +50,8 @@ def claim_next(session: Session, reviewer: str, *, now: datetime, lease_s: float
     until = now + timedelta(seconds=lease_s)
     # No status term here: SQLite would then pick ix_queue_next (status=?) and walk every open item instead of
     # the tiny ix_queue_claimed. Settled items never keep a claim, so the status check in Python is enough.
-    held = session.scalars(select(Q).where(Q.claimed_by == reviewer).order_by(Q.id)).all()
+    # Newest lease first: an undo hands the undone item back with a fresh lease, and that is the one to show.
+    held = session.scalars(select(Q).where(Q.claimed_by == reviewer).order_by(Q.lease_until.desc(), Q.id)).all()
     keep = next((e for e in held if e.status == "open" and e.lease_until is not None and e.lease_until > now
                  and _matches(e, reason, predicted, model_version)), None)
     others = [e.id for e in held if e is not keep]
