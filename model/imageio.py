@@ -189,7 +189,8 @@ def encode_for_storage(img: Image.Image) -> bytes:
     # to_rgb builds a fresh image: Pillow's PNG writer would otherwise copy icc_profile/transparency from .info.
     clean = to_rgb(img)
     buf = io.BytesIO()
-    clean.save(buf, format="PNG", compress_level=6)
+    # Level 1: measured ~0.6x the CPU of level 6 for ~9% larger files; this runs for every logged prediction.
+    clean.save(buf, format="PNG", compress_level=1)
     return buf.getvalue()
 
 

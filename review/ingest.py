@@ -132,8 +132,11 @@ def insert_rows(session: Session, images: list[dict], preds: list[dict], queue: 
 def upsert_queue(session: Session, rows: list[dict], *, replace_prediction: bool = False) -> None:
     """Queue images; an image already queued and still open gains the new reasons (duplicates reviewed once).
 
-    Rows are merged per image and written in sha order, so two writers lock rows in the same order (no
-    deadlock between replicas on PostgreSQL). Decided items stay decided.
+    Rows are merged per image and written oldest first (ties by sha): new items get ids in arrival order, which
+    is the queue's tie-break within a tier ("oldest first"), however the background writer batched them. Two
+    replicas upserting the same images in a different order can deadlock on PostgreSQL; the database detects it
+    and the transaction is retried (40P01, see ReviewService.transaction and the writer's retry). Decided items
+    stay decided.
     """
     if not rows:
         return
@@ -156,7 +159,7 @@ def upsert_queue(session: Session, rows: list[dict], *, replace_prediction: bool
             update[col] = getattr(stmt.excluded, col)
     stmt = stmt.on_conflict_do_update(index_elements=["image_sha256"], set_=update,
                                       where=QueueEntry.status == "open")
-    session.execute(stmt, [merged[k] for k in sorted(merged)])
+    session.execute(stmt, sorted(merged.values(), key=lambda r: (r["created"], r["image_sha256"])))
 
 
 def apply_feedback(session: Session, records: list[FeedbackRecord], th: Thresholds) -> None:
