@@ -25,7 +25,7 @@ from PIL import Image
 from model.preprocess import PreprocessSpec
 
 log = logging.getLogger(__name__)
-BUNDLE_FORMAT = 1
+BUNDLE_FORMAT = 2  # 2: weights embedded in model.onnx (1 kept them in an unhashed model.onnx.data)
 TOLERANCE = 1e-4  # max |p_served - p_learn.predict| accepted, per class
 
 
@@ -108,6 +108,7 @@ def _export_onnx(learn, spec: PreprocessSpec, path: Path) -> None:
             torch.onnx.export(
                 model, (x,), str(path), input_names=["input"], output_names=["logits"],
                 dynamic_shapes=({0: torch.export.Dim("batch", min=1, max=256)},), dynamo=True,
+                external_data=False,  # weights inside model.onnx, so the bundle's onnx_sha256 covers them
             )
         finally:
             for lg, level in zip(noisy, levels, strict=True):

@@ -35,6 +35,9 @@ def test_onnx_bundle_matches_learn_predict(kind, exported, tmp_path):
     path, sha = exported(kind)
     predictor = load_predictor(_settings(tmp_path, path, sha))
     assert predictor.info.backend == "onnx", predictor.info.fallback_reason
+    # Self-contained: the weights live inside the hashed model.onnx (no unhashed external .data file).
+    bundle_dir = tmp_path / "data" / "cache" / sha
+    assert sorted(p.name for p in bundle_dir.iterdir()) == ["bundle.json", "model.onnx"]
     learn = _learn(path)
     images = golden_images()
     served = predictor.predict_probs(images)
@@ -112,6 +115,8 @@ def test_damaged_cached_bundle_is_rebuilt(exported, tmp_path):
     settings = _settings(tmp_path, path, sha)
     expected = load_predictor(settings).predict_probs(golden_images()[:2])
     onnx_file = settings.cache_dir / sha / "model.onnx"
+    # One self-contained graph: the weights are inside the hashed file, not in an external .data file.
+    assert sorted(p.name for p in onnx_file.parent.iterdir()) == ["bundle.json", "model.onnx"]
     onnx_file.write_bytes(onnx_file.read_bytes()[:-100] + b"\0" * 100)
     again = load_predictor(settings)
     assert again.info.backend == "onnx"
