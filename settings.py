@@ -36,7 +36,6 @@ class Settings(BaseSettings):
     max_upload_mb: float = Field(default=10.0, gt=0)
     max_pixels: int = Field(default=40_000_000, gt=0, description="Images whose header says more are refused.")
     max_batch_size: int = Field(default=8, ge=1)
-    batch_wait_ms: float = Field(default=2.0, ge=0, description="How long a request may wait to share a batch.")
     queue_max_size: int = Field(default=16, ge=1, description="Requests waiting beyond this get 'busy'.")
     stream_every: float = Field(default=0.5, gt=0)
     stream_time_limit: float = Field(default=60.0, gt=0)
@@ -68,7 +67,6 @@ class Settings(BaseSettings):
     claim_lease_s: float = Field(default=300.0, gt=0)
     reviewers: str = Field(default="", description="'name:pbkdf2-hash,...' (see `python -m review hash-password`).")
     hf_allowlist: str = Field(default="", description="HF usernames allowed to review, comma-separated.")
-    session_secret: str | None = None
     space_id: str | None = Field(default=None, validation_alias=AliasChoices("LOUPE_SPACE_ID", "SPACE_ID"),
                                  description="Set by Hugging Face Spaces; enables HF sign-in for reviewers.")
     oauth_client_secret: str | None = Field(default=None, validation_alias=AliasChoices("OAUTH_CLIENT_SECRET"),
