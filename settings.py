@@ -35,6 +35,8 @@ class Settings(BaseSettings):
     port: int = Field(default=7860, validation_alias=AliasChoices("LOUPE_PORT", "GRADIO_SERVER_PORT"))
     max_upload_mb: float = Field(default=10.0, gt=0)
     max_pixels: int = Field(default=40_000_000, gt=0, description="Images whose header says more are refused.")
+    model_workers: int | None = Field(default=None, ge=1, description="Model batches run at once; default "
+                                      "cores // intra_op_threads.")
     max_batch_size: int = Field(default=8, ge=1)
     queue_max_size: int = Field(default=16, ge=1, description="Requests waiting beyond this get 'busy'.")
     stream_every: float = Field(default=0.5, gt=0)

@@ -198,7 +198,7 @@ def test_store_uploads_off_keeps_no_image(tmp_path, demo_predictor):
 
 def test_app_wiring(tmp_path, demo_predictor):
     """The Blocks: predict is a batched, public endpoint; every other event is private; the queue is bounded."""
-    settings = Settings(data_dir=tmp_path / "data", max_batch_size=6, queue_max_size=9)
+    settings = Settings(data_dir=tmp_path / "data", max_batch_size=6, queue_max_size=9, model_workers=3)
     service = ReviewService.build(settings, demo_predictor.info)
     try:
         app = build_predict_app(settings, demo_predictor, service)
@@ -208,6 +208,7 @@ def test_app_wiring(tmp_path, demo_predictor):
     predict = fns["predict"]
     assert predict.batch and predict.max_batch_size == 6 and not predict.preprocess
     assert predict.api_visibility == "public" and predict.concurrency_id == "model"
+    assert predict.concurrency_limit == 3  # LOUPE_MODEL_WORKERS, not the host's core count
     public = sorted(n for n, fn in fns.items() if fn.api_visibility == "public")
     assert public == ["predict"]
     assert app._queue.max_size == 9

@@ -43,7 +43,12 @@ def max_upload_bytes(settings) -> int:
 
 
 def model_workers(settings) -> int:
-    """Batches of model work run at once: one per core's worth of intra-op threads."""
+    """Batches of model work run at once: LOUPE_MODEL_WORKERS, else one per core's worth of intra-op threads.
+
+    os.cpu_count() sees the host's cores, not a container's CPU quota: set the setting there.
+    """
+    if settings.model_workers is not None:
+        return settings.model_workers
     return max(1, (os.cpu_count() or 1) // settings.intra_op_threads)
 
 
