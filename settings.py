@@ -80,6 +80,10 @@ class Settings(BaseSettings):
         return bool(self.space_id and self.hf_allowlist.strip())
 
     @property
+    def max_upload_bytes(self) -> int:
+        return int(self.max_upload_mb * (1 << 20))
+
+    @property
     def cache_dir(self) -> Path:
         return self.data_dir / "cache"
 

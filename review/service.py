@@ -203,10 +203,9 @@ class ReviewService:
     def import_dataset(self, source: Path, predict_probs, *, batch_size: int = 32) -> dataset.ImportStats:
         files = dataset.list_labeled(source)
         result = dataset.ImportStats()
-        max_bytes = int(self.settings.max_upload_mb * 2**20)
         for i in range(0, len(files), batch_size):
             recs = dataset.score_files(files[i : i + batch_size], predict_probs, self.model_info,
-                                       max_bytes=max_bytes, max_pixels=self.settings.max_pixels,
+                                       max_bytes=self.settings.max_upload_bytes, max_pixels=self.settings.max_pixels,
                                        now=self._clock(), stats=result)
             result.queued += self._insert(recs)
         return result

@@ -38,7 +38,7 @@ class ApiHandlers:
         self.predictor = predictor
         self.service = service
         self.gate = gate
-        self.max_bytes = int(settings.max_upload_mb * MB)
+        self.max_bytes = settings.max_upload_bytes
 
     def model_json(self) -> dict:
         info = self.predictor.info

@@ -23,7 +23,6 @@ from model.imageio import ImageRejected, decode_image
 from model.predictor import top_k
 from review.types import ReviewError
 
-MB = 1 << 20
 # Simultaneous live-webcam sessions. A stream holds its slot for its whole duration (up to
 # stream_time_limit), so this is "how many people can watch live predictions at once".
 LIVE_STREAMS = 4
@@ -36,10 +35,6 @@ SELECT_BRUSH_JS = """() => { let tries = 0; const pick = () => {
   const b = document.querySelector('#sketchpad button[aria-label="Brush"]');
   if (b) { if (!b.classList.contains('highlight')) b.click(); } else if (tries++ < 40) setTimeout(pick, 50); };
   pick(); }"""
-
-
-def max_upload_bytes(settings) -> int:
-    return int(settings.max_upload_mb * MB)
 
 
 def model_workers(settings) -> int:
@@ -78,7 +73,7 @@ class PredictHandlers:
         self.predictor = predictor
         self.service = service
         self.info = predictor.info
-        self.max_bytes = max_upload_bytes(settings)
+        self.max_bytes = settings.max_upload_bytes
 
     # ---- input ---------------------------------------------------------------------------
     def read(self, payload) -> bytes | None:

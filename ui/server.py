@@ -39,7 +39,7 @@ def hardening(settings) -> dict:
         run_history=False,  # would keep users' inputs in their browser and offer to sync them to a HF bucket
         blocked_paths=blocked_paths(settings),
         allowed_paths=[],
-        max_file_size=int(settings.max_upload_mb * (1 << 20)),
+        max_file_size=settings.max_upload_bytes,
         enable_monitoring=False,
         show_error=False,  # unexpected exceptions stay in the server log; gr.Error messages still show
         ssr_mode=False,
