@@ -41,7 +41,7 @@ class Bundle:
     max_error: float
 
 
-def _sha256_file(path: Path) -> str:
+def sha256_file(path: Path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):
@@ -59,7 +59,7 @@ def load_bundle(cache_dir: Path, export_sha256: str) -> Bundle | None:
         meta = json.loads(meta_path.read_text())
         if meta.get("format") != BUNDLE_FORMAT or meta.get("export_sha256") != export_sha256:
             return None
-        if _sha256_file(onnx_path) != meta["onnx_sha256"]:
+        if sha256_file(onnx_path) != meta["onnx_sha256"]:
             log.warning("cached bundle %s is damaged (ONNX hash mismatch); rebuilding", d)
             return None
         return Bundle(onnx_path, PreprocessSpec.from_dict(meta["spec"]), tuple(meta["vocab"]), meta["max_error"])
@@ -142,7 +142,7 @@ def build_bundle(learn, export_sha256: str, cache_dir: Path, vocab: list[str], t
         if not err <= TOLERANCE:
             raise BundleError(f"ONNX answers differ from learn.predict by {err:.2e} (> {TOLERANCE:g})")
         meta = {
-            "format": BUNDLE_FORMAT, "export_sha256": export_sha256, "onnx_sha256": _sha256_file(onnx_path),
+            "format": BUNDLE_FORMAT, "export_sha256": export_sha256, "onnx_sha256": sha256_file(onnx_path),
             "spec": json.loads(spec.to_json()), "vocab": list(vocab), "max_error": err,
         }
         (tmp / "bundle.json").write_text(json.dumps(meta, indent=1))

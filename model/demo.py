@@ -17,7 +17,6 @@ constants below without paying for torch.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import tempfile
 import time
 import warnings
@@ -41,10 +40,6 @@ class DemoResult:
     sha256: str
     accuracy: float  # on the held-out split (see holdout_split)
     seconds: float  # wall time of fitting only (not imports or rendering)
-
-
-def file_sha256(path: Path) -> str:
-    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
 
 
 def render(values, size: int = 32):
@@ -194,7 +189,9 @@ def train_demo(
             acc = float(learn.validate()[1])
     path = out_dir / "export.pkl"
     learn.export(path.resolve())
-    return DemoResult(path=path, sha256=file_sha256(path), accuracy=acc, seconds=seconds)
+    from model.bundle import sha256_file  # here, not at the top: importing model.demo stays numpy-free
+
+    return DemoResult(path=path, sha256=sha256_file(path), accuracy=acc, seconds=seconds)
 
 
 def main(argv: list[str] | None = None) -> None:
