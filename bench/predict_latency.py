@@ -57,8 +57,8 @@ def bench_model(model: str, n: int, threads: int) -> None:
     import torch
     from fastai.learner import load_learner
 
-    from model.imageio import decode_image
     from model.preprocess import preprocess_batch
+    from serving.imageio import decode_image
 
     default_threads = torch.get_num_threads() if threads == 1 else None
     torch.set_num_threads(threads)

@@ -46,7 +46,7 @@ def main(argv: list[str] | None = None) -> int:
     warnings.filterwarnings("ignore")
     import httpx
 
-    from model.imageio import decode_image
+    from serving.imageio import decode_image
 
     with workdir("loupe-bench-rest-") as tmp:
         port = free_port()

@@ -9,7 +9,7 @@
                   blocks: inside a logging block the background writer competes for the 2 cores, as under
                   steady traffic. Reported: the median over adjacent block pairs of p50(log) / p50(plain) - 1.
     Target (issue 3 item 1): added latency <= 5% of predict p50 (both measures).
-(b) Next item after a decision, 100,000 synthetic predictions stored (review/synthetic.py), SQLite: decide()
+(b) Next item after a decision, 100,000 synthetic predictions stored (bench/synthetic.py), SQLite: decide()
     + next_item() + the Review tab's drawing of the item (stored PNG read and inlined, details). Target <= 150 ms.
 (c) The queue claim (review.queue.claim_next) at --rows predictions: p50 of the query inside its transaction,
     and of the whole transaction (BEGIN IMMEDIATE ... COMMIT). Target <= 20 ms. SQLite, and PostgreSQL when
@@ -104,10 +104,10 @@ def logging_overhead(model: str, n: int, tmp: Path, block: int = 10) -> None:
 
 def synthetic_db(rows: int) -> Path:
     """A cached SQLite file holding `rows` synthetic predictions, keyed by the schema and generator source."""
+    from bench.synthetic import populate
     from review.db import make_engine
-    from review.synthetic import populate
 
-    src = b"".join((ROOT / "review" / f).read_bytes() for f in ("db.py", "synthetic.py"))
+    src = b"".join(f.read_bytes() for f in (ROOT / "review" / "db.py", ROOT / "bench" / "synthetic.py"))
     path = CACHE / f"review-{rows}-{hashlib.sha256(src).hexdigest()[:12]}.db"
     for stale in CACHE.glob(f"review-{rows}-*.db"):  # built by an older schema: ~1 GB each at 1e6 rows
         if stale != path:
@@ -222,7 +222,7 @@ def claim_sqlite(rows: int, n: int, tmp: Path) -> None:
 def claim_postgres(url: str, rows: int, n: int) -> None:
     from sqlalchemy import create_engine, text
 
-    from review.synthetic import populate
+    from bench.synthetic import populate
 
     schema = f"loupe_bench_{os.getpid()}"
     admin = create_engine(url)

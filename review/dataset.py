@@ -23,9 +23,9 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from model.imageio import ImageRejected, decode_image
 from review.ingest import PredictionRecord
 from review.types import ReviewError
+from serving.imageio import ImageRejected, decode_image
 
 IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".gif", ".webp", ".bmp", ".tif", ".tiff"})
 PredictFn = Callable[[Sequence[Image.Image]], np.ndarray]

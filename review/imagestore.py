@@ -1,6 +1,6 @@
 """Content-addressed image files: ``<root>/<sha[:2]>/<sha>.png``, written atomically, never overwritten.
 
-The bytes are ``model.imageio.encode_for_storage(img)`` (lossless PNG, all metadata stripped), so the same pixels
+The bytes are ``serving.imageio.encode_for_storage(img)`` (lossless PNG, all metadata stripped), so the same pixels
 always give the same name and duplicates are stored once. Files are written BEFORE their database row: a crash
 can leave an orphan file (``review reconcile`` finds it), never a row without its file.
 """
@@ -16,8 +16,8 @@ from pathlib import Path
 
 from PIL import Image
 
-from model.imageio import encode_for_storage
 from review.types import ReviewError
+from serving.imageio import encode_for_storage
 
 _SHA = re.compile(r"[0-9a-f]{64}")
 TMP_SUFFIX = ".tmp"

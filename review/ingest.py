@@ -12,11 +12,11 @@ from sqlalchemy import func, or_, select
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
-from model.imageio import image_stats
 from review import scoring
 from review.db import Model, Prediction, QueueEntry, StoredImage
 from review.imagestore import ImageStore
 from review.types import DATASET, HIGH_LOSS, REASONS, USER_FLAGGED
+from serving.imageio import image_stats
 
 
 @dataclass(frozen=True)

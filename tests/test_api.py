@@ -17,10 +17,10 @@ from fastapi.testclient import TestClient
 from PIL import Image, ImageOps
 from sqlalchemy import inspect, select
 
-from model.gate import Gate
 from model.predictor import ModelInfo
 from review.db import Prediction
 from review.service import ReviewService
+from serving.gate import Gate
 from settings import Settings
 from ui.server import build_server
 

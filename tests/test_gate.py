@@ -7,7 +7,7 @@ import time
 
 import pytest
 
-from model.gate import Busy, Gate
+from serving.gate import Busy, Gate
 
 
 def test_gate_admits_running_plus_waiting_then_refuses_at_once():

@@ -1,4 +1,4 @@
-"""model.imageio: every fixture is built here with Pillow or raw bytes (no files on disk, no network)."""
+"""serving.imageio: every fixture is built here with Pillow or raw bytes (no files on disk, no network)."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from PIL import Image, ImageCms, ImageFile
 
-from model.imageio import ImageRejected, decode_image, encode_for_storage, image_stats, to_rgb
+from serving.imageio import ImageRejected, decode_image, encode_for_storage, image_stats, to_rgb
 
 MB = 1 << 20
 CORRUPT = "truncated or corrupt"

@@ -326,7 +326,7 @@ def test_review_mount_requires_login(settings, service):
 # ---- speed ----------------------------------------------------------------------------------------------------
 @pytest.mark.slow
 def test_next_item_within_150ms_with_100k_predictions(tmp_path):
-    from review.synthetic import populate
+    from bench.synthetic import populate
 
     settings = Settings(data_dir=tmp_path, reviewers="alice:" + hash_password("x", iterations=1000))
     svc = ReviewService.build(settings, INFO)

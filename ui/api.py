@@ -14,9 +14,9 @@ from fastapi.responses import JSONResponse
 from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import UploadFile
 
-from model.gate import Busy, Gate
-from model.imageio import ImageRejected, decode_image
 from model.predictor import top_k
+from serving.gate import Busy, Gate
+from serving.imageio import ImageRejected, decode_image
 
 MB = 1 << 20
 # Multipart framing (boundaries, part headers) on top of the file itself.

@@ -19,9 +19,9 @@ import gradio as gr
 import numpy as np
 from PIL import Image
 
-from model.imageio import ImageRejected, decode_image
 from model.predictor import top_k
 from review.types import ReviewError
+from serving.imageio import ImageRejected, decode_image
 
 # Simultaneous live-webcam sessions. A stream holds its slot for its whole duration (up to
 # stream_time_limit), so this is "how many people can watch live predictions at once".

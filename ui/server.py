@@ -14,7 +14,7 @@ import gradio as gr
 from fastapi import FastAPI
 from fastapi.responses import RedirectResponse
 
-from model.gate import Gate
+from serving.gate import Gate
 from ui.api import build_api_router
 from ui.predict_tab import build_predict_app, model_workers
 
