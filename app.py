@@ -1,6 +1,6 @@
 """Loupe: serve a fastai image classifier (Gradio UI + REST API). ``python app.py`` (also what HF Spaces runs).
 
-Thin on purpose: settings, logging, the model (loaded once), the review service, the server. Nothing heavy is
+Thin on purpose: settings, logging, the model (loaded once), the review store, the server. Nothing heavy is
 imported at module level, so a bad setting or model file fails fast, before Gradio's ~5 s import.
 """
 
@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import sys
 import threading
+from typing import NamedTuple
 
 
 def main() -> None:
@@ -38,18 +39,11 @@ def main() -> None:
 
     import uvicorn
 
-    from review.service import ReviewService
     from ui.server import build_server
 
-    service = ReviewService.build(settings, info)
-    # A new model version re-scores every image with a known label, so what it now gets confidently wrong
-    # reaches the review queue (only images this version has not scored yet: cheap on later starts).
-    def rescore() -> None:
-        log.info("labelled images re-scored by %s: %s", info.version, service.rescore(predictor.predict_probs))
-
-    threading.Thread(target=rescore, name="rescore", daemon=True).start()
+    parts = assemble(settings, predictor)
     try:
-        app = build_server(settings, predictor, service)
+        app = build_server(settings, pipeline=parts.pipeline, store=parts.store, desk=parts.desk)
         # uvicorn logs "Uvicorn running on ..." once it really listens; per-request access lines are noise.
         # Open browser tabs keep event streams open: without a graceful-shutdown timeout a SIGTERM would wait for
         # them forever (and Docker's SIGKILL would then lose the unflushed prediction log).
@@ -58,7 +52,46 @@ def main() -> None:
     except KeyboardInterrupt:
         pass  # uvicorn re-raises Ctrl-C after its graceful shutdown; nothing left to report
     finally:
-        service.close()  # flush the prediction log written in the background
+        parts.store.close()  # flush the prediction log written in the background
+
+
+class Parts(NamedTuple):
+    store: object  # review.store.ReviewStore
+    router: object  # serving.router.ModelRouter
+    pipeline: object  # serving.pipeline.Pipeline
+    desk: object  # review.desk.ReviewDesk
+
+
+def assemble(settings, predictor, *, rescore: bool = True) -> Parts:
+    """The running parts around a loaded model: the store, the model router, the prediction pipeline and the
+    reviewer desk (tests assemble the app the same way)."""
+    from review.desk import ReviewDesk
+    from review.store import ReviewStore
+    from serving.pipeline import Pipeline
+    from serving.router import ModelRouter
+
+    store = ReviewStore(settings)
+    store.register_model(predictor.info)
+    router = ModelRouter(predictor)
+    if rescore:
+        router.on_change(lambda routes: rescore_in_background(store, routes.current))
+        rescore_in_background(store, predictor)
+    return Parts(store, router, Pipeline.from_settings(settings, router, store), ReviewDesk(store))
+
+
+def rescore_in_background(store, predictor) -> None:
+    """A model version that starts answering re-scores every labelled image it has not scored, so what it now
+    gets confidently wrong reaches the review queue (only new images: cheap on later starts)."""
+    from review import jobs
+
+    log = logging.getLogger("loupe")
+
+    def run() -> None:
+        store.register_model(predictor.info)
+        log.info("labelled images re-scored by %s: %s", predictor.info.version,
+                 jobs.rescore_labelled(store, predictor))
+
+    threading.Thread(target=run, name="rescore", daemon=True).start()
 
 
 if __name__ == "__main__":

@@ -52,11 +52,12 @@ from bench.common import (
 
 
 def logging_overhead(model: str, n: int, tmp: Path, block: int = 10) -> None:
-    from review.service import ReviewService
+    from review.store import ReviewStore
 
     data = seed_data_dir(model, tmp / f"log-{model}")
     predictor = load(model)
-    service = ReviewService.build(settings_for(model, data), predictor.info)
+    service = ReviewStore(settings_for(model, data))
+    service.register_model(predictor.info)
     images = iter([sample_image(model, seed=i) for i in range(4 * n + 4 * block + 20)])
     log_ms: list[float] = []
 
@@ -67,7 +68,7 @@ def logging_overhead(model: str, n: int, tmp: Path, block: int = 10) -> None:
         img = next(images)
         probs = predictor.predict_probs([img])[0]
         t = time.perf_counter()
-        service.log_prediction(image=img, probs=probs, source="upload", latency_ms=1.0)
+        service.log_prediction(model=predictor.info, image=img, probs=probs, source="upload", latency_ms=1.0)
         log_ms.append((time.perf_counter() - t) * 1000)
 
     try:
@@ -86,7 +87,7 @@ def logging_overhead(model: str, n: int, tmp: Path, block: int = 10) -> None:
                 medians[name] = p50(sustained[name][-block:])
                 service.flush()  # untimed: the next block starts with an idle writer
             pairs.append(medians["predict + log"] / medians["predict"] - 1)
-        c = service.counts()
+        c = service.log_status()
     finally:
         service.close()
     print(f"\n== (a) logging overhead, {model}, n={n} (log: {c.get('log_dropped')} dropped, "
@@ -126,20 +127,22 @@ def synthetic_db(rows: int) -> Path:
 
 
 def next_item_after_decision(n: int, tmp: Path) -> None:
-    from review.service import ReviewService
+    from review.desk import ReviewDesk
+    from review.store import ReviewStore
     from settings import Settings
     from ui.review_tab import image_html, item_details
 
     db = tmp / "review-100k.db"
     shutil.copyfile(synthetic_db(100_000), db)
-    service = ReviewService.build(Settings(data_dir=tmp / "review-data", LOUPE_DATABASE_URL=f"sqlite:///{db}"), None)
+    store = ReviewStore(Settings(data_dir=tmp / "review-data", LOUPE_DATABASE_URL=f"sqlite:///{db}"))
+    service = ReviewDesk(store)
     try:
         # The synthetic rows have no image files: give the items about to be claimed a real stored PNG.
-        with service.engine.connect() as conn:
+        with store.engine.connect() as conn:
             shas = conn.exec_driver_sql("SELECT image_sha256 FROM queue_items WHERE status = 'open' "
                                         "ORDER BY priority DESC, id LIMIT ?", (n + 50,)).scalars().all()
         for sha in shas:
-            p = service.store.path(sha)
+            p = store.images.path(sha)
             p.parent.mkdir(parents=True, exist_ok=True)
             sample_image("resnet18", seed=0).save(p, format="PNG")
         parts: dict[str, list[float]] = {"decide": [], "next_item": [], "draw": [], "total": []}
@@ -162,7 +165,7 @@ def next_item_after_decision(n: int, tmp: Path) -> None:
         service.counts()
         counts_ms = (time.perf_counter() - t) * 1000
     finally:
-        service.close()
+        store.close()
     parts = {k: v[5:] for k, v in parts.items()}  # drop warm-up
     print(f"\n== (b) next item after a decision, 100,000 predictions stored (SQLite), n={n}")
     table(["step", "p50 ms", "p90 ms"], [[k, p50(v), p90(v)] for k, v in parts.items()])

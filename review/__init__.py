@@ -1,7 +1,9 @@
-"""Humans in the loop: prediction log, review queue, decisions, export. The facade is review.service.ReviewService.
+"""Humans in the loop: prediction log, review queue, decisions, export.
 
-Modules: db (tables, engines), imagestore (content-addressed PNGs), scoring (pure queue scores), ingest + writer
-(background logging), queue (claims), decisions (append-only log), stats (counts), auth (reviewer accounts),
-export (fastai labels.csv), dataset + rescore (dataset audit, new-model rescoring), maintenance (reconcile,
-purge), __main__ (CLI: python -m review ...).
+Entry points: store.ReviewStore (engines, transactions, the background prediction log), desk.ReviewDesk (what a
+reviewer does: claim, decide, undo, counts) and jobs (batch jobs: dataset import, re-scoring, export, reconcile,
+purge). Underneath: db (tables, engines), imagestore (content-addressed images), scoring (pure queue scores),
+ingest + writer (background logging), queue (claims), decisions (append-only log), stats (counts), auth (reviewer
+accounts), export (fastai labels.csv), dataset + rescore (dataset audit, new-model re-scoring), maintenance
+(reconcile, purge), __main__ (CLI: python -m review ...).
 """

@@ -58,31 +58,35 @@ def _run(args) -> int:
 
         print(hash_password(_read_password()))
         return 0
-    from review.service import ReviewService
+    from review import jobs
+    from review.store import ReviewStore
     from settings import Settings
 
     settings = Settings()
-    predictor = None
-    if args.command in ("import-dataset", "rescore"):
-        from model.loading import load_predictor
-
-        predictor = load_predictor(settings)
-    service = ReviewService.build(settings, predictor.info if predictor else None)
+    store = ReviewStore(settings)
     try:
+        if args.command in ("import-dataset", "rescore"):
+            from model.loading import load_predictor
+            from serving.pipeline import Pipeline
+            from serving.router import ModelRouter
+
+            predictor = load_predictor(settings)
+            store.register_model(predictor.info)
         if args.command == "export":
-            report = asdict(service.export(args.out_dir, folders=args.folders, valid_pct=args.valid_pct))
+            report = asdict(jobs.export_reviewed(store, args.out_dir, folders=args.folders, valid_pct=args.valid_pct))
         elif args.command == "import-dataset":
-            report = asdict(service.import_dataset(args.source, predictor.predict_probs, batch_size=args.batch_size))
+            pipeline = Pipeline.from_settings(settings, ModelRouter(predictor), store)
+            report = asdict(jobs.import_dataset(store, pipeline, args.source, batch_size=args.batch_size))
         elif args.command == "rescore":
-            report = service.rescore(predictor.predict_probs, batch_size=args.batch_size)
+            report = jobs.rescore_labelled(store, predictor, batch_size=args.batch_size)
         elif args.command == "reconcile":
-            rep = service.reconcile(fix=args.fix, grace_s=args.grace_s)
+            rep = jobs.reconcile(store, fix=args.fix, grace_s=args.grace_s)
             report = asdict(rep) | {"clean": rep.clean}
         else:
-            rep = service.purge(days=args.days, dry_run=args.dry_run)
+            rep = jobs.purge(store, days=args.days, dry_run=args.dry_run)
             report = asdict(rep) | {"images": len(rep.images), "dry_run": args.dry_run}
     finally:
-        service.close()
+        store.close()
     print(json.dumps(report, indent=2, default=str))
     # reconcile without --fix exits 1 when it found something, so a cron job or CI step can alert on it
     return 1 if args.command == "reconcile" and not (report["clean"] or report["fixed"]) else 0

@@ -6,29 +6,21 @@ extra columns such as ``is_valid`` are ignored). Each image is scored by the mod
 ``source="dataset"`` and ``claimed_label`` = the dataset's label, and every image whose label has a loss above
 ``settings.high_loss`` is queued (reason "dataset"), highest loss first.
 
-Nothing here touches the database: the caller scores a chunk, then writes it with ``review.ingest`` in its own
-short transaction, so a long import never holds the SQLite write lock while the model runs.
+This module only lists the labelled files; review.jobs.import_dataset scores them through the prediction
+pipeline (serving.pipeline), whose background log writes them in short transactions: a long import never holds
+the SQLite write lock while the model runs. Files whose label is not one of the model's classes are skipped and
+counted per label.
 """
 
 from __future__ import annotations
 
 import csv
-import time
-import uuid
-from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from datetime import datetime
 from pathlib import Path
 
-import numpy as np
-from PIL import Image
-
-from review.ingest import PredictionRecord
 from review.types import ReviewError
-from serving.imageio import ImageRejected, decode_image
 
 IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".gif", ".webp", ".bmp", ".tif", ".tiff"})
-PredictFn = Callable[[Sequence[Image.Image]], np.ndarray]
 
 
 @dataclass(frozen=True)
@@ -42,7 +34,7 @@ class ImportStats:
     files: int = 0
     imported: int = 0
     queued: int = 0
-    unknown_label: int = 0  # label not in the model's vocab: stored, loss unknown, not queued
+    unknown_labels: dict[str, int] = field(default_factory=dict)  # label not in the model's vocab -> files skipped
     rejected: list[tuple[str, str]] = field(default_factory=list)  # (path, why)
 
 
@@ -68,36 +60,3 @@ def _from_csv(path: Path) -> list[LabeledFile]:
             raise ReviewError(f"{path} needs a header with the columns fname,label (found {reader.fieldnames})")
         rows = [(r["fname"], r["label"]) for r in reader]
     return [LabeledFile(path.parent / fname, label) for fname, label in rows]
-
-
-def score_files(files: Sequence[LabeledFile], predict_probs: PredictFn, model_info, *, max_bytes: int,
-                max_pixels: int, now: datetime, stats: ImportStats) -> list[PredictionRecord]:
-    """Decode and score one chunk; unreadable files go to ``stats.rejected`` with the reason."""
-    images, kept = [], []
-    for lf in files:
-        stats.files += 1
-        try:
-            images.append(decode_image(lf.path.read_bytes(), max_bytes=max_bytes, max_pixels=max_pixels))
-        except ImageRejected as exc:
-            stats.rejected.append((str(lf.path), exc.args[0]))
-            continue
-        except OSError as exc:  # missing or unreadable file named by a labels.csv
-            stats.rejected.append((str(lf.path), str(exc)))
-            continue
-        kept.append(lf)
-    if not kept:
-        return []
-    t0 = time.perf_counter()
-    probs = np.asarray(predict_probs(images))
-    per_image_ms = (time.perf_counter() - t0) * 1000 / len(kept)
-    vocab = tuple(model_info.vocab)
-    if probs.shape != (len(kept), len(vocab)):
-        raise ValueError(f"predict_probs returned shape {probs.shape}, expected {(len(kept), len(vocab))}")
-    records = []
-    for lf, img, p in zip(kept, images, probs, strict=True):
-        stats.unknown_label += lf.label not in vocab
-        records.append(PredictionRecord(id=uuid.uuid4().hex, created=now, source="dataset",
-                                        model_version=model_info.version, vocab=vocab, probs=p,
-                                        latency_ms=per_image_ms, image=img, claimed_label=lf.label))
-    stats.imported += len(records)
-    return records

@@ -135,7 +135,7 @@ def upsert_queue(session: Session, rows: list[dict], *, replace_prediction: bool
     Rows are merged per image and written oldest first (ties by sha): new items get ids in arrival order, which
     is the queue's tie-break within a tier ("oldest first"), however the background writer batched them. Two
     replicas upserting the same images in a different order can deadlock on PostgreSQL; the database detects it
-    and the transaction is retried (40P01, see ReviewService.transaction and the writer's retry). Decided items
+    and the transaction is retried (40P01, see ReviewStore.transaction and the writer's retry). Decided items
     stay decided.
     """
     if not rows:

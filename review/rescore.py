@@ -19,23 +19,30 @@ from PIL import Image
 from sqlalchemy import and_, exists, select, text
 from sqlalchemy.orm import Session, aliased
 
-from review.db import Prediction
+from review.db import Model, Prediction
 from review.imagestore import ImageStore
 from review.ingest import PredictionRecord
 
 
-def labelled_images(session: Session, model_version: str) -> list[tuple[str, str, dict]]:
-    """(image sha, latest claimed label, stats) of labelled images this model version has not scored."""
+def labelled_images(session: Session, model_version: str, vocab) -> list[tuple[str, str, dict]]:
+    """(image sha, latest claimed label, stats) of labelled images this model version has not scored, where the
+    classes match: the label is one of ``vocab`` and it was given under a model whose classes ``vocab`` covers
+    (the same classes, or a retrain that added some). A digits model never re-scores a shapes image."""
     mine = aliased(Prediction)
     scored = exists().where(and_(mine.image_sha256 == Prediction.image_sha256, mine.model_version == model_version))
     rows = session.execute(
         select(Prediction.image_sha256, Prediction.claimed_label, Prediction.width, Prediction.height,
-               Prediction.brightness)
+               Prediction.brightness, Model.vocab)
+        .join(Model, Model.version == Prediction.model_version)
         .where(text("predictions.claimed_label IS NOT NULL"), Prediction.image_sha256.is_not(None), ~scored)
         .order_by(Prediction.created, Prediction.id)).all()
+    classes = set(vocab)
     latest: dict[str, tuple[str, dict]] = {}
-    for sha, label, width, height, brightness in rows:  # later rows win: the latest claim counts
-        latest[sha] = (label, {"width": width, "height": height, "brightness": brightness})
+    for sha, label, width, height, brightness, labelled_under in rows:  # later rows win: the latest claim counts
+        if label in classes and set(labelled_under) <= classes:
+            latest[sha] = (label, {"width": width, "height": height, "brightness": brightness})
+        else:
+            latest.pop(sha, None)  # the latest claim belongs to another set of classes: not ours to re-score
     return [(sha, label, st) for sha, (label, st) in latest.items()]
 
 

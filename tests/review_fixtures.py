@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import threading
 import uuid
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 
 import numpy as np
@@ -20,6 +21,8 @@ from sqlalchemy import create_engine
 from sqlalchemy.engine import make_url
 
 from model.predictor import ModelInfo
+from review.desk import ReviewDesk
+from review.store import ReviewStore
 from settings import Settings
 
 PG_ENV = "LOUPE_TEST_PG_URL"
@@ -94,21 +97,52 @@ class FakeClock:
             self._now += timedelta(**kw)
 
 
+@dataclass
+class Kit:
+    """The review parts a test works with: the store, the reviewer desk, and the model it logs predictions for."""
+
+    store: ReviewStore
+    desk: ReviewDesk
+    model: ModelInfo = MODEL
+
+    def log(self, **kw) -> str:
+        return self.store.log_prediction(model=self.model, **kw)
+
+    def pipeline(self, predict_probs):
+        """The real prediction pipeline around a stand-in model whose answers come from ``predict_probs``."""
+        from serving.pipeline import Pipeline
+        from serving.router import ModelRouter
+
+        return Pipeline.from_settings(self.store.settings, ModelRouter(FakePredictor(self.model, predict_probs)),
+                                      self.store)
+
+
+@dataclass
+class FakePredictor:
+    info: ModelInfo
+    predict_probs: object  # (images) -> (N, C) probabilities
+
+
+def build_kit(settings: Settings, model: ModelInfo | None = MODEL, clock=None) -> Kit:
+    store = ReviewStore(settings, **({"clock": clock} if clock else {}))
+    if model is not None:
+        store.register_model(model)
+    return Kit(store, ReviewDesk(store), model)
+
+
 @pytest.fixture
 def services(tmp_path):
-    """Factory: services(url, **settings_overrides) -> ReviewService; all closed at teardown."""
-    from review.service import ReviewService
-
+    """Factory: services(url, **settings_overrides) -> Kit; all stores closed at teardown."""
     built = []
 
-    def make(url: str, *, model=MODEL, clock=None, **overrides):
-        svc = ReviewService.build(make_settings(tmp_path, url, **overrides), model, clock=clock)
-        built.append(svc)
-        return svc
+    def make(url: str, *, model=MODEL, clock=None, **overrides) -> Kit:
+        kit = build_kit(make_settings(tmp_path, url, **overrides), model, clock)
+        built.append(kit)
+        return kit
 
     yield make
-    for svc in built:
-        svc.close()
+    for kit in built:
+        kit.store.close()
 
 
 def square(rgb: tuple[int, int, int], size: int = 16, mark: int = 0) -> Image.Image:

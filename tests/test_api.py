@@ -19,10 +19,9 @@ from sqlalchemy import inspect, select
 
 from model.predictor import ModelInfo
 from review.db import Prediction
-from review.service import ReviewService
 from serving.gate import Gate
 from settings import Settings
-from ui.server import build_server
+from tests.app_support import app_parts, server_for
 
 MB = 1 << 20
 UPLOAD_MB = 0.5  # a small limit keeps the over-size case cheap
@@ -102,20 +101,20 @@ def examples() -> dict[str, Path]:
     return {p.stem.removeprefix("digit_"): p for p in sorted(Path(DEMO_EXAMPLES_DIR).glob("digit_*.png"))}
 
 
-def stored(service: ReviewService) -> tuple[int, int]:
+def stored(service) -> tuple[int, int]:
     """(rows in all review tables, image files on disk) once every pending write has landed."""
-    service.flush()
+    service.store.flush()
     rows = 0
-    with service.engine.connect() as conn:
-        for table in inspect(service.engine).get_table_names():
+    with service.store.engine.connect() as conn:
+        for table in inspect(service.store.engine).get_table_names():
             rows += conn.exec_driver_sql(f'SELECT COUNT(*) FROM "{table}"').scalar_one()  # noqa: S608 (own names)
-    files = sum(1 for p in Path(service.settings.images_dir).rglob("*") if p.is_file())
+    files = sum(1 for p in Path(service.store.settings.images_dir).rglob("*") if p.is_file())
     return rows, files
 
 
-def predictions(service: ReviewService, **where) -> list[Prediction]:
-    service.flush()
-    with service._sessions() as s:
+def predictions(service, **where) -> list[Prediction]:
+    service.store.flush()
+    with service.store._sessions() as s:
         q = select(Prediction).filter_by(**where).order_by(Prediction.created)
         return list(s.scalars(q))
 
@@ -123,10 +122,10 @@ def predictions(service: ReviewService, **where) -> list[Prediction]:
 @pytest.fixture(scope="module")
 def api(tmp_path_factory, demo_predictor):
     settings = Settings(data_dir=tmp_path_factory.mktemp("api-data"), max_upload_mb=UPLOAD_MB)
-    service = ReviewService.build(settings, demo_predictor.info)
-    with TestClient(build_server(settings, demo_predictor, service)) as client:
+    service = app_parts(settings, demo_predictor)
+    with TestClient(server_for(settings, service)) as client:
         yield client, service, settings
-    service.close()
+    service.store.close()
 
 
 def post(client, name: str, data: bytes, ctype: str = "image/jpeg"):
@@ -258,9 +257,9 @@ class HeldPredictor:
 
 def test_rest_busy_gets_fast_503_with_retry_after(tmp_path, demo_predictor):
     settings = Settings(data_dir=tmp_path / "data")
-    service = ReviewService.build(settings, demo_predictor.info)
     held = HeldPredictor(demo_predictor)
-    app = build_server(settings, held, service, gate=Gate(concurrency=1, max_waiting=0))
+    service = app_parts(settings, held)
+    app = server_for(settings, service, gate=Gate(concurrency=1, max_waiting=0))
     data = examples()["5"].read_bytes()
     results = []
     try:
@@ -276,7 +275,7 @@ def test_rest_busy_gets_fast_503_with_retry_after(tmp_path, demo_predictor):
             after = post(client, "c.png", data, "image/png")
     finally:
         held.release.set()
-        service.close()
+        service.store.close()
     assert busy.status_code == 503 and "busy" in busy.json()["error"] and busy.headers["retry-after"].isdigit()
     assert elapsed < 2.0  # told at once, not after waiting
     assert results[0].status_code == 200 and after.status_code == 200
@@ -291,10 +290,10 @@ def test_gradio_queue_full_answers_busy_at_once(tmp_path, demo_predictor):
     from ui.predict_tab import model_workers
 
     settings = Settings(data_dir=tmp_path / "data", queue_max_size=1, max_batch_size=1)
-    service = ReviewService.build(settings, demo_predictor.info)
     held = HeldPredictor(demo_predictor)
+    service = app_parts(settings, held)
     port = free_port()
-    server = uvicorn.Server(uvicorn.Config(build_server(settings, held, service), host="127.0.0.1", port=port,
+    server = uvicorn.Server(uvicorn.Config(server_for(settings, service), host="127.0.0.1", port=port,
                                            log_level="warning", timeout_graceful_shutdown=1))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
@@ -321,7 +320,7 @@ def test_gradio_queue_full_answers_busy_at_once(tmp_path, demo_predictor):
         held.release.set()
         server.should_exit = True
         thread.join(30)
-        service.close()
+        service.store.close()
     assert elapsed < 5  # refused at once (the held jobs would take 30 s)
     assert [a[0]["label"] for a in answers] == ["4"] * len(answers)
 

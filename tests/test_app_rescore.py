@@ -9,21 +9,21 @@ from sqlalchemy import create_engine, select
 from model.demo import DEMO_EXAMPLES_DIR
 from model.predictor import ModelInfo
 from review.db import Prediction, QueueEntry
-from review.service import ReviewService
 from settings import Settings
 from tests.browser_support import start_app, wait_for
+from tests.review_fixtures import build_kit
 
 
 def test_new_model_version_rescores_claimed_labels(tmp_path, demo_predictor):
     data = tmp_path / "data"
     settings = Settings(data_dir=data, audit_rate=0.0)
     old = ModelInfo("old-model", "ab" * 32, demo_predictor.info.vocab, "onnx")
-    service = ReviewService.build(settings, old)
+    service = build_kit(settings, old)
     three = Image.open(DEMO_EXAMPLES_DIR / "digit_3.png").convert("RGB")
     # The old model was unsure; a user claimed the label "7" for a clear 3.
-    service.log_prediction(image=three, probs=np.full(10, 0.1, dtype=np.float32), source="upload",
-                           latency_ms=1.0, claimed_label="7")
-    service.close()
+    service.log(image=three, probs=np.full(10, 0.1, dtype=np.float32), source="upload", latency_ms=1.0,
+                claimed_label="7")
+    service.store.close()
 
     app = start_app(data)
     try:

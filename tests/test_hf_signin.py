@@ -11,9 +11,8 @@ import pytest
 from fastapi.testclient import TestClient
 from itsdangerous import TimestampSigner
 
-from review.service import ReviewService
 from settings import Settings
-from ui.server import build_server
+from tests.app_support import app_parts, server_for
 
 SECRET = "space-oauth-secret"
 
@@ -43,10 +42,10 @@ def client(tmp_path_factory, demo_predictor):
 def _client(tmp_path_factory, demo_predictor):
     settings = Settings(data_dir=tmp_path_factory.mktemp("space"), space_id="someone/loupe", hf_allowlist="carol",
                         oauth_client_secret=SECRET)
-    service = ReviewService.build(settings, demo_predictor.info)
-    with TestClient(build_server(settings, demo_predictor, service), base_url="https://testserver") as c:
+    service = app_parts(settings, demo_predictor)
+    with TestClient(server_for(settings, service), base_url="https://testserver") as c:
         yield c
-    service.close()
+    service.store.close()
 
 
 def test_public_app_offers_hf_sign_in(client):

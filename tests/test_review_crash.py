@@ -16,8 +16,8 @@ from pathlib import Path
 
 from sqlalchemy import select
 
+from review import jobs
 from review.db import Decision, Prediction, StoredImage
-from review.service import ReviewService
 from tests import review_fixtures as rf
 from tests.review_fixtures import MODEL, make_settings, probs, square
 
@@ -28,7 +28,7 @@ RUNS = 20
 def child(url: str, data_dir: Path, name: str, out: int) -> None:
     """Runs in the forked child until it is killed; writes ``ACK <key>`` to fd ``out`` after each commit."""
     settings = make_settings(data_dir, url, low_confidence=0.9, claim_lease_s=0.5, audit_rate=0.05)
-    svc = ReviewService.build(settings, MODEL)
+    svc = rf.build_kit(settings)
     rng = random.Random(name)
 
     def say(line: str) -> None:
@@ -39,29 +39,29 @@ def child(url: str, data_dir: Path, name: str, out: int) -> None:
         while True:
             img = square((r.randrange(256), r.randrange(256), r.randrange(256)), size=r.choice((8, 16, 24)),
                          mark=r.randrange(1, 64))
-            pid = svc.log_prediction(image=img, probs=probs(r.random() + 0.1, r.random(), r.random()),
+            pid = svc.log(image=img, probs=probs(r.random() + 0.1, r.random(), r.random()),
                                      source="upload", latency_ms=1.0)
             if r.random() < 0.2:
-                svc.record_feedback(pid, correct=False, claimed_label=r.choice(MODEL.vocab))
+                svc.store.record_feedback(pid, correct=False, claimed_label=r.choice(MODEL.vocab))
 
     for k in range(2):
         threading.Thread(target=logger, args=(f"{name}:{k}",), daemon=True).start()
     say("READY")
     n = 0
     while True:
-        item = svc.next_item(name)
+        item = svc.desk.next_item(name)
         if item is None:
             time.sleep(0.005)
             continue
         key = f"{name}:{n}:{uuid.uuid4().hex[:8]}"
         action = rng.choice(("confirm", "relabel", "out_of_domain", "skip"))
-        res = svc.decide(name, item.item_id, action=action, label="blue" if action == "relabel" else None,
+        res = svc.desk.decide(name, item.item_id, action=action, label="blue" if action == "relabel" else None,
                          idempotency_key=key)
         if res.ok:
             say(f"ACK {key}")
         if n % 7 == 6:
             ukey = f"{key}:undo"
-            if svc.undo(name, idempotency_key=ukey).ok:
+            if svc.desk.undo(name, idempotency_key=ukey).ok:
                 say(f"ACK {ukey}")
         n += 1
 
@@ -101,22 +101,22 @@ def test_kill_9_loses_nothing_acknowledged(services, db_url, tmp_path):
             assert conn.execute("PRAGMA integrity_check").fetchall() == [("ok",)]
             assert conn.execute("PRAGMA foreign_key_check").fetchall() == []
     svc = services(db_url)
-    stored = set(svc.transaction(lambda s: list(s.scalars(select(Decision.idempotency_key))), read=True))
+    stored = set(svc.store.transaction(lambda s: list(s.scalars(select(Decision.idempotency_key))), read=True))
     missing = [k for k in acked if k not in stored]
     assert not missing, f"{len(missing)} acknowledged decisions lost, e.g. {missing[:3]}"
-    shas = svc.transaction(lambda s: set(s.scalars(select(Prediction.image_sha256).where(
+    shas = svc.store.transaction(lambda s: set(s.scalars(select(Prediction.image_sha256).where(
         Prediction.image_sha256.is_not(None)))) | set(s.scalars(select(StoredImage.sha256))), read=True)
     assert shas, "the children logged nothing: the test proves nothing"
-    assert [sha for sha in shas if not svc.store.exists(sha)] == []
-    report = svc.reconcile(grace_s=0)
+    assert [sha for sha in shas if not svc.store.images.exists(sha)] == []
+    report = jobs.reconcile(svc.store, grace_s=0)
     assert report.missing_files == []
-    counts = svc.counts()
+    counts = svc.desk.counts()
     print(f"crash test ({db_url.split(':')[0]}): {RUNS} kills, {len(acked)} acknowledged decisions all present, "
           f"{counts['predictions']} predictions, {len(shas)} images, {len(report.orphan_files)} orphan files, "
           f"{len(report.temp_files)} temp files")
     assert len(acked) >= RUNS  # reviews really happened between the kills
     # the database stays usable after all that: a normal session reviews on
-    item = svc.next_item("after")
+    item = svc.desk.next_item("after")
     if item is not None:
-        assert svc.decide("after", item.item_id, action="confirm", label=None, idempotency_key="after").ok
+        assert svc.desk.decide("after", item.item_id, action="confirm", label=None, idempotency_key="after").ok
 

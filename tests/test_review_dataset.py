@@ -3,6 +3,7 @@ import csv
 import numpy as np
 import pytest
 
+from review import jobs
 from review.dataset import list_labeled
 from review.types import ReviewError
 from tests import review_fixtures as rf
@@ -46,20 +47,20 @@ def make_folder(root):
 
 def test_folder_import_queues_mislabelled_first(services, sqlite_url, tmp_path):
     svc = services(sqlite_url)
-    stats = svc.import_dataset(make_folder(tmp_path / "ds"), fake_predict, batch_size=4)
-    assert (stats.files, stats.imported, stats.queued, stats.unknown_label) == (19, 18, 3, 0)
+    stats = jobs.import_dataset(svc.store, svc.pipeline(fake_predict), make_folder(tmp_path / "ds"), batch_size=4)
+    assert (stats.files, stats.imported, stats.queued, stats.unknown_labels) == (19, 18, 3, {})
     assert len(stats.rejected) == 1 and "text file" in stats.rejected[0][1]
     items = []
-    while (item := svc.next_item("alice", reason="dataset")) is not None:
+    while (item := svc.desk.next_item("alice", reason="dataset")) is not None:
         items.append(item)
-        svc.decide("alice", item.item_id, action="relabel", label=item.predicted, idempotency_key=item.image_sha256)
+        svc.desk.decide("alice", item.item_id, action="relabel", label=item.predicted, idempotency_key=item.image_sha256)
     # exactly the mislabelled ones, highest loss (most confident contradiction) first
     assert [(i.claimed_labels[0], i.predicted) for i in items] == [("red", "blue"), ("blue", "green"),
                                                                    ("green", "red")]
     losses = [i.loss for i in items]
     assert losses == sorted(losses, reverse=True) and losses[-1] > 1.0
     assert all(i.reasons == ("dataset",) and i.source == "dataset" for i in items)
-    assert svc.counts()["predictions"] == 18
+    assert svc.desk.counts()["predictions"] == 18
 
 
 def test_csv_import_and_unknown_labels(services, sqlite_url, tmp_path):
@@ -72,8 +73,9 @@ def test_csv_import_and_unknown_labels(services, sqlite_url, tmp_path):
                 w.writerow([p.relative_to(root).as_posix(), "purple" if p.name == "ok0.png" else p.parent.name,
                             False])
     svc = services(sqlite_url)
-    stats = svc.import_dataset(root, fake_predict)  # a folder with labels.csv uses the CSV
-    assert (stats.files, stats.imported, stats.queued, stats.unknown_label) == (18, 18, 3, 3)
+    stats = jobs.import_dataset(svc.store, svc.pipeline(fake_predict), root)  # a folder with labels.csv: the CSV
+    # files labelled with a class the model does not have are skipped and counted per label
+    assert (stats.files, stats.imported, stats.queued, stats.unknown_labels) == (18, 15, 3, {"purple": 3})
 
 
 def test_list_labeled_errors(tmp_path):

@@ -1,9 +1,11 @@
+
 import csv
 import json
 import warnings
 
 import pytest
 
+from review import jobs
 from review.types import ReviewError
 from tests import review_fixtures as rf
 from tests.review_fixtures import probs, square
@@ -20,11 +22,11 @@ def reviewed_service(services, url, n_per_class=9):
         for cls, rgb in COLOURS.items():
             # the model is unsure and sometimes wrong: predicts red for every third image
             p = probs(0.5, 0.3, 0.2) if i % 3 == 0 else probs(*(0.5 if c == cls else 0.25 for c in COLOURS))
-            svc.log_prediction(image=square(rgb, size=32, mark=i + 1), probs=p, source="upload", latency_ms=1)
-    svc.flush()
+            svc.log(image=square(rgb, size=32, mark=i + 1), probs=p, source="upload", latency_ms=1)
+    svc.store.flush()
     outcome = {}
     n = 0
-    while (item := svc.next_item("alice")) is not None:
+    while (item := svc.desk.next_item("alice")) is not None:
         true = next(c for c, rgb in COLOURS.items() if svc_pixel(svc, item) == rgb)
         if n in (0, 1):
             action, label = "out_of_domain", None
@@ -34,12 +36,12 @@ def reviewed_service(services, url, n_per_class=9):
             action, label = "confirm", None
         else:
             action, label = "relabel", true
-        assert svc.decide("alice", item.item_id, action=action, label=label, idempotency_key=f"k{n}").ok
+        assert svc.desk.decide("alice", item.item_id, action=action, label=label, idempotency_key=f"k{n}").ok
         outcome[item.image_sha256] = label or (item.predicted if action == "confirm" else action)
         n += 1
-    svc.undo("alice", idempotency_key="undo")  # re-decide the last one: the export must use the new decision
-    item = svc.next_item("alice")
-    assert svc.decide("alice", item.item_id, action="out_of_domain", label=None, idempotency_key="again").ok
+    svc.desk.undo("alice", idempotency_key="undo")  # re-decide the last one: the export must use the new decision
+    item = svc.desk.next_item("alice")
+    assert svc.desk.decide("alice", item.item_id, action="out_of_domain", label=None, idempotency_key="again").ok
     outcome[item.image_sha256] = "out_of_domain"
     return svc, outcome
 
@@ -49,14 +51,14 @@ def svc_pixel(svc, item):
 
     from PIL import Image
 
-    with Image.open(io.BytesIO(svc.image_bytes(item.image_sha256))) as im:
+    with Image.open(io.BytesIO(svc.desk.image_bytes(item.image_sha256))) as im:
         return im.getpixel((20, 20))
 
 
 def test_export_layout(services, sqlite_url, tmp_path):
     svc, outcome = reviewed_service(services, sqlite_url)
     out = tmp_path / "export"
-    report = svc.export(out, valid_pct=0.3)
+    report = jobs.export_reviewed(svc.store, out, valid_pct=0.3)
     rows = list(csv.DictReader(open(out / "labels.csv")))
     assert list(rows[0]) == ["fname", "label", "is_valid"]
     expected = {sha: lab for sha, lab in outcome.items() if lab not in ("out_of_domain", "bad_image")}
@@ -69,17 +71,17 @@ def test_export_layout(services, sqlite_url, tmp_path):
     decisions = [json.loads(line) for line in open(out / "decisions.jsonl")]
     assert len(decisions) == 27 + 2 and decisions[-2]["action"] == "undo"
     assert decisions[-2]["reverses_id"] == decisions[-3]["id"]
-    again = svc.export(tmp_path / "export2", valid_pct=0.3)  # deterministic split
+    again = jobs.export_reviewed(svc.store, tmp_path / "export2", valid_pct=0.3)  # deterministic split
     assert open(tmp_path / "export2" / "labels.csv").read() == open(out / "labels.csv").read()
     assert again.labelled == report.labelled == 23
     with pytest.raises(ReviewError, match="not empty"):
-        svc.export(out)
+        jobs.export_reviewed(svc.store, out)
 
 
 def test_export_folder_per_class(services, sqlite_url, tmp_path):
     svc, _ = reviewed_service(services, sqlite_url, n_per_class=3)
     out = tmp_path / "export"
-    svc.export(out, folders=True)
+    jobs.export_reviewed(svc.store, out, folders=True)
     for row in csv.DictReader(open(out / "labels.csv")):
         parent, _ = row["fname"].split("/")
         assert parent == row["label"] and (out / row["fname"]).is_file()  # fastai's parent_label layout too
@@ -93,7 +95,7 @@ def test_export_trains_a_fastai_learner(services, sqlite_url, tmp_path):
     from torch import nn
     svc, _ = reviewed_service(services, sqlite_url)
     out = tmp_path / "export"
-    svc.export(out, valid_pct=0.3)
+    jobs.export_reviewed(svc.store, out, valid_pct=0.3)
     dls = ImageDataLoaders.from_csv(out, valid_col="is_valid", item_tfms=Resize(32), bs=8, num_workers=0)
     assert set(dls.vocab) == set(COLOURS)
     assert len(dls.train_ds) + len(dls.valid_ds) == 23 and len(dls.valid_ds) > 0

@@ -1,3 +1,4 @@
+
 import json
 import os
 import subprocess
@@ -10,22 +11,23 @@ import numpy as np
 import pytest
 from sqlalchemy import select
 
+from bench import synthetic
 from review import __main__ as cli
-from review import synthetic
+from review import jobs
 from review.auth import check_password
 from review.db import Prediction, QueueEntry
 from review.types import ReviewError
 from tests import review_fixtures as rf
-from tests.review_fixtures import MODEL, FakeClock, probs, square
+from tests.review_fixtures import MODEL, FakeClock, FakePredictor, probs, square
 
 services, sqlite_url, db_url = rf.services, rf.sqlite_url, rf.db_url  # fixtures
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def log(svc, img, p=None, **kw):
-    pid = svc.log_prediction(image=img, probs=probs(0.5, 0.3, 0.2) if p is None else p, source="upload",
+    pid = svc.log(image=img, probs=probs(0.5, 0.3, 0.2) if p is None else p, source="upload",
                              latency_ms=1, **kw)
-    svc.flush()
+    svc.store.flush()
     return pid
 
 
@@ -33,31 +35,31 @@ def test_reconcile_finds_and_fixes_both_directions(services, sqlite_url):
     svc = services(sqlite_url)
     for i in range(3):
         log(svc, square((i, 50, 50)))
-    shas = sorted(svc.store.iter_shas())
+    shas = sorted(svc.store.images.iter_shas())
     lost = shas[0]
-    svc.store.path(lost).unlink()
+    svc.store.images.path(lost).unlink()
     old = time.time() - 7200
-    orphan = svc.store.put_bytes(b"written, then the process died before its row")
-    os.utime(svc.store.path(orphan), (old, old))
-    svc.store.put_bytes(b"young orphan: its row may be on its way")
-    tmp = svc.store.root / "ab" / ".abcdef12-x.tmp"
+    orphan = svc.store.images.put_bytes(b"written, then the process died before its row")
+    os.utime(svc.store.images.path(orphan), (old, old))
+    svc.store.images.put_bytes(b"young orphan: its row may be on its way")
+    tmp = svc.store.images.root / "ab" / ".abcdef12-x.tmp"
     tmp.parent.mkdir(exist_ok=True)
     tmp.write_bytes(b"half a file")
     os.utime(tmp, (old, old))
 
-    report = svc.reconcile()
+    report = jobs.reconcile(svc.store)
     assert (report.missing_files, report.orphan_files, report.young_orphans) == ([lost], [orphan], 1)
     assert report.temp_files == [str(tmp)] and not report.clean
-    assert svc.store.exists(orphan)  # without --fix nothing changes
+    assert svc.store.images.exists(orphan)  # without --fix nothing changes
 
-    assert svc.reconcile(fix=True).fixed
-    after = svc.reconcile()
-    assert after.clean and after.young_orphans == 1 and not svc.store.exists(orphan) and not tmp.exists()
-    rows = svc.transaction(lambda s: s.execute(select(Prediction.image_sha256)).scalars().all(), read=True)
+    assert jobs.reconcile(svc.store, fix=True).fixed
+    after = jobs.reconcile(svc.store)
+    assert after.clean and after.young_orphans == 1 and not svc.store.images.exists(orphan) and not tmp.exists()
+    rows = svc.store.transaction(lambda s: s.execute(select(Prediction.image_sha256)).scalars().all(), read=True)
     assert rows.count(None) == 1 and lost not in rows  # the prediction stays, without its image
-    status = svc.transaction(lambda s: s.scalar(select(QueueEntry.status).where(QueueEntry.image_sha256 == lost)),
+    status = svc.store.transaction(lambda s: s.scalar(select(QueueEntry.status).where(QueueEntry.image_sha256 == lost)),
                              read=True)
-    assert status == "purged" and svc.counts()["queue_open"] == 2
+    assert status == "purged" and svc.desk.counts()["queue_open"] == 2
 
 
 def test_purge_keeps_decisions_and_dataset(services, sqlite_url, tmp_path):
@@ -66,34 +68,35 @@ def test_purge_keeps_decisions_and_dataset(services, sqlite_url, tmp_path):
     a, b, c = square((10, 1, 1)), square((20, 1, 1)), square((30, 1, 1))
     for img in (a, b, c):
         log(svc, img)
-    svc.import_dataset(_one_image_dataset(tmp_path), lambda imgs: np.tile(probs(0.1, 0.1, 0.8), (len(imgs), 1)))
-    item = svc.next_item("alice")
+    jobs.import_dataset(svc.store, svc.pipeline(lambda imgs: np.tile(probs(0.1, 0.1, 0.8), (len(imgs), 1))),
+                        _one_image_dataset(tmp_path))
+    item = svc.desk.next_item("alice")
     assert item.reasons == ("dataset",)
-    svc.decide("alice", item.item_id, action="relabel", label="blue", idempotency_key="ds")
-    decided = svc.next_item("alice")
-    svc.decide("alice", decided.item_id, action="confirm", label=None, idempotency_key="a")
+    svc.desk.decide("alice", item.item_id, action="relabel", label="blue", idempotency_key="ds")
+    decided = svc.desk.next_item("alice")
+    svc.desk.decide("alice", decided.item_id, action="confirm", label=None, idempotency_key="a")
     clock.advance(days=10)
     log(svc, b.copy())  # b is seen again recently: its image must stay
     new = log(svc, square((40, 1, 1)))
 
     with pytest.raises(ReviewError, match="retention"):
-        svc.purge()
-    dry = svc.purge(days=5, dry_run=True)
-    assert dry.predictions == 3 and len(dry.images) == 2 and svc.counts()["predictions"] == 6
-    report = svc.purge(days=5)
+        jobs.purge(svc.store)
+    dry = jobs.purge(svc.store, days=5, dry_run=True)
+    assert dry.predictions == 3 and len(dry.images) == 2 and svc.desk.counts()["predictions"] == 6
+    report = jobs.purge(svc.store, days=5)
     assert report.predictions == 3 and len(report.images) == 2 and report.items_closed == 1
-    assert all(not svc.store.exists(sha) for sha in report.images) and decided.image_sha256 in report.images
-    counts = svc.counts()
+    assert all(not svc.store.images.exists(sha) for sha in report.images) and decided.image_sha256 in report.images
+    counts = svc.desk.counts()
     assert counts["predictions"] == 3 and counts["queue_purged"] == 1 and counts["queue_done"] == 2
     assert counts["decisions"]["confirm"] == 1  # decisions are kept
     ids = []
-    while (it := svc.next_item("bob")) is not None:
+    while (it := svc.desk.next_item("bob")) is not None:
         ids.append(it.prediction_id)
-        svc.decide("bob", it.item_id, action="confirm", label=None, idempotency_key=it.prediction_id)
+        svc.desk.decide("bob", it.item_id, action="confirm", label=None, idempotency_key=it.prediction_id)
     assert new in ids and len(ids) == 2  # b's open item now shows its recent prediction
-    export = svc.export(tmp_path / "export")
+    export = jobs.export_reviewed(svc.store, tmp_path / "export")
     assert export.missing_images == 1 and export.labelled == 3  # dataset item + b + the new one
-    assert svc.reconcile(grace_s=0).clean
+    assert jobs.reconcile(svc.store, grace_s=0).clean
 
 
 def _one_image_dataset(tmp_path):
@@ -106,28 +109,28 @@ def test_rescore_queues_what_the_new_model_contradicts(services, sqlite_url):
     old = services(sqlite_url)
     agree = log(old, square((1, 1, 1)), probs(0.9, 0.05, 0.05), claimed_label="red")
     log(old, square((2, 2, 2)), probs(0.9, 0.05, 0.05))  # no label: nothing to rescore
-    assert old.counts()["queue_open"] == 0  # confident, and the old model agrees with the claimed label
+    assert old.desk.counts()["queue_open"] == 0  # confident, and the old model agrees with the claimed label
     new_model = replace(MODEL, sha256="cd" * 32)
     new = services(sqlite_url, model=new_model)
     contradict = lambda imgs: np.tile(probs(0.05, 0.05, 0.9), (len(imgs), 1))  # noqa: E731
-    done = new.rescore(contradict)
+    done = jobs.rescore_labelled(new.store, FakePredictor(new_model, contradict))
     assert done == {"scored": 1, "queued": 1, "missing_images": 0}
-    item = new.next_item("alice")
+    item = new.desk.next_item("alice")
     assert item.reasons == ("high_loss",) and item.model_version == new_model.version and item.predicted == "blue"
     assert item.claimed_labels == ("red",) and item.seen == 2
-    assert new.rescore(contradict)["scored"] == 0  # already scored by this version
+    assert jobs.rescore_labelled(new.store, FakePredictor(new_model, contradict))["scored"] == 0  # done already
     assert agree
 
 
 def test_synthetic_population(db_url, services):
     svc = services(db_url)
-    made = synthetic.populate(svc.engine, 3000, chunk=1000)
-    counts = svc.counts()
+    made = synthetic.populate(svc.store.engine, 3000, chunk=1000)
+    counts = svc.desk.counts()
     assert counts["predictions"] == 3000 and counts["queue_open"] == made["queued"] > 0
-    best = svc.transaction(lambda s: s.scalar(select(QueueEntry.priority).order_by(QueueEntry.priority.desc())),
+    best = svc.store.transaction(lambda s: s.scalar(select(QueueEntry.priority).order_by(QueueEntry.priority.desc())),
                            read=True)
-    item = svc.next_item("bench")
-    got = svc.transaction(lambda s: s.get(QueueEntry, item.item_id).priority, read=True)
+    item = svc.desk.next_item("bench")
+    got = svc.store.transaction(lambda s: s.get(QueueEntry, item.item_id).priority, read=True)
     assert got == best
 
 

@@ -88,19 +88,19 @@ def test_logging_costs_the_caller_microseconds(services, sqlite_url):
     times = []
     for _ in range(200):
         t0 = time.perf_counter()
-        svc.log_prediction(image=img, probs=p, source="api", latency_ms=1.0)
+        svc.log(image=img, probs=p, source="api", latency_ms=1.0)
         times.append(time.perf_counter() - t0)
-    svc.flush()
+    svc.store.flush()
     p50 = float(np.median(times))
     print(f"log_prediction p50 {p50 * 1e6:.0f} us")
     assert p50 < 0.002  # a queue.put, not a database write (those take milliseconds)
-    assert svc.counts()["predictions"] == 200
+    assert svc.desk.counts()["predictions"] == 200
 
 
 def test_service_close_flushes(services, sqlite_url, tmp_path):
     svc = services(sqlite_url)
     for i in range(40):
-        svc.log_prediction(image=square((i, 0, 0)), probs=probs(0.9, 0.05, 0.05), source="webcam", latency_ms=1)
-    svc.close()
+        svc.log(image=square((i, 0, 0)), probs=probs(0.9, 0.05, 0.05), source="webcam", latency_ms=1)
+    svc.store.close()
     again = services(sqlite_url)
-    assert again.counts()["predictions"] == 40
+    assert again.desk.counts()["predictions"] == 40

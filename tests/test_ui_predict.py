@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from review.service import ReviewService
 from settings import Settings
+from tests.app_support import app_parts
 from tests.test_api import (
     MB,
     animated_gif,
@@ -30,9 +30,9 @@ TOL = 1e-5
 @pytest.fixture
 def ui(tmp_path, demo_predictor):
     settings = Settings(data_dir=tmp_path / "data", max_upload_mb=0.5, stream_log_every=3)
-    service = ReviewService.build(settings, demo_predictor.info)
-    yield PredictHandlers(settings, demo_predictor, service), service
-    service.close()
+    service = app_parts(settings, demo_predictor)
+    yield PredictHandlers(settings, service.pipeline, service.store), service
+    service.store.close()
 
 
 def as_upload(tmp_path, name: str, data: bytes) -> dict:
@@ -126,7 +126,7 @@ def test_blank_or_missing_sketch_is_refused(ui, tmp_path):
     before = stored(service)
     blank = {"composite": as_upload(tmp_path, "blank.png", png(Image.new("RGBA", (280, 280), (0, 0, 0, 0))))}
     for payload in (blank, {"background": None, "layers": [], "composite": None}):
-        with pytest.raises(gr.Error, match="draw a digit first"):
+        with pytest.raises(gr.Error, match="draw something first"):
             h.predict_batch([payload], "sketch")
     assert stored(service) == before and predictions(service) == []
 
@@ -162,7 +162,7 @@ def test_feedback_is_stored(ui, tmp_path):
     h, service = ui
     _, _, (state,) = h.predict_batch([as_upload(tmp_path, "1.png", examples()["1"].read_bytes())], "upload")
     assert "right" in h.feedback(state, correct=True)
-    service.flush()
+    service.store.flush()
     assert predictions(service, id=state["id"])[0].feedback_correct is True
     wrong = "7" if state["label"] != "7" else "2"
     assert wrong in h.feedback(state, correct=None, claimed=wrong)
@@ -172,11 +172,13 @@ def test_feedback_is_stored(ui, tmp_path):
 
 def test_feedback_needs_a_prediction_and_a_known_class(ui):
     h, service = ui
+    info = service.router.current.info
     assert "Classify an image first" in h.feedback(None, correct=True)
+    state = {"id": "x" * 32, "label": "1", "model": info.version, "classes": list(info.vocab)}
     with pytest.raises(gr.Error, match="listed classes"):
-        h.feedback({"id": "x" * 32, "label": "1"}, correct=None, claimed="banana")
+        h.feedback(state, correct=None, claimed="banana")
     with pytest.raises(gr.Error, match="unknown prediction"):
-        h.feedback({"id": "0" * 32, "label": "1"}, correct=True)
+        h.feedback({**state, "id": "0" * 32}, correct=True)
 
 
 def test_storage_notice_follows_the_setting(tmp_path):
@@ -187,23 +189,23 @@ def test_storage_notice_follows_the_setting(tmp_path):
 
 def test_store_uploads_off_keeps_no_image(tmp_path, demo_predictor):
     settings = Settings(data_dir=tmp_path / "data", store_uploads=False)
-    service = ReviewService.build(settings, demo_predictor.info)
+    service = app_parts(settings, demo_predictor)
     try:
-        h = PredictHandlers(settings, demo_predictor, service)
+        h = PredictHandlers(settings, service.pipeline, service.store)
         h.predict_batch([as_upload(tmp_path, "3.png", examples()["3"].read_bytes())], "upload")
         assert stored(service)[1] == 0
     finally:
-        service.close()
+        service.store.close()
 
 
 def test_app_wiring(tmp_path, demo_predictor):
     """The Blocks: predict is a batched, public endpoint; every other event is private; the queue is bounded."""
     settings = Settings(data_dir=tmp_path / "data", max_batch_size=6, queue_max_size=9, model_workers=3)
-    service = ReviewService.build(settings, demo_predictor.info)
+    service = app_parts(settings, demo_predictor)
     try:
-        app = build_predict_app(settings, demo_predictor, service)
+        app = build_predict_app(settings, service.pipeline, service.store)
     finally:
-        service.close()
+        service.store.close()
     fns = {fn.api_name: fn for fn in app.fns.values() if fn.api_name}
     predict = fns["predict"]
     assert predict.batch and predict.max_batch_size == 6 and not predict.preprocess
@@ -217,10 +219,14 @@ def test_app_wiring(tmp_path, demo_predictor):
 
 def test_max_bytes_follows_settings(tmp_path, demo_predictor):
     settings = Settings(data_dir=tmp_path / "d", max_upload_mb=2)
-    assert PredictHandlers(settings, demo_predictor, None).max_bytes == 2 * MB
-    h = PredictHandlers(settings, demo_predictor, None)
-    with pytest.raises(gr.Error, match="too large"):
-        h.predict_batch([as_upload(tmp_path, "big.png", b"\x89PNG" + b"\0" * (2 * MB))], "upload")
+    service = app_parts(settings, demo_predictor)
+    try:
+        h = PredictHandlers(settings, service.pipeline, service.store)
+        assert h.max_bytes == service.pipeline.max_bytes == 2 * MB
+        with pytest.raises(gr.Error, match="too large"):
+            h.predict_batch([as_upload(tmp_path, "big.png", b"\x89PNG" + b"\0" * (2 * MB))], "upload")
+    finally:
+        service.store.close()
 
 
 def test_jpeg_frame_roundtrip_keeps_the_digit(ui):

@@ -17,8 +17,8 @@ from sqlalchemy import func, select
 from model.predictor import ModelInfo
 from review.auth import hash_password
 from review.db import Decision, QueueEntry
-from review.service import ReviewService
 from settings import Settings
+from tests.review_fixtures import Kit, build_kit
 from ui.review_auth import auth_fn, hf_auth_dependency, require_reviewer
 from ui.review_keys import shortcut_keys
 from ui.review_tab import (
@@ -50,35 +50,35 @@ def settings(tmp_path) -> Settings:
                     audit_rate=0.0, top_k=3)
 
 
-def log_items(service: ReviewService, probs_rows) -> None:
+def log_items(service: Kit, probs_rows) -> None:
     for i, probs in enumerate(probs_rows):
         # distinct images: duplicates share one queue item
         img = Image.new("RGB", (40, 30), (i * 37 % 256, i * 91 % 256, 120))
-        service.log_prediction(image=img, probs=np.asarray(probs, dtype=np.float32), source="upload", latency_ms=5)
-    service.flush()
+        service.log(image=img, probs=np.asarray(probs, dtype=np.float32), source="upload", latency_ms=5)
+    service.store.flush()
 
 
 @pytest.fixture
 def service(settings):
-    svc = ReviewService.build(settings, INFO)
+    svc = build_kit(settings, INFO)
     # all low confidence (< 0.6): queued; predicted classes cat, dog, bird, cat, dog
     log_items(svc, [(0.5, 0.3, 0.2), (0.3, 0.45, 0.25), (0.2, 0.3, 0.5), (0.55, 0.4, 0.05), (0.1, 0.5, 0.4)])
     yield svc
-    svc.close()
+    svc.store.close()
 
 
 @pytest.fixture
 def handlers(settings, service) -> ReviewHandlers:
-    return ReviewHandlers(settings, service, VOCAB, counts_ttl_s=0)
+    return ReviewHandlers(settings, service.desk, counts_ttl_s=0)
 
 
 def decisions(service, **where) -> list[Decision]:
     q = select(Decision).filter_by(**where).order_by(Decision.id)
-    return service.transaction(lambda s: list(s.scalars(q)), read=True)
+    return service.store.transaction(lambda s: list(s.scalars(q)), read=True)
 
 
 def item(service, item_id: int) -> QueueEntry:
-    return service.transaction(lambda s: s.get(QueueEntry, item_id), read=True)
+    return service.store.transaction(lambda s: s.get(QueueEntry, item_id), read=True)
 
 
 def show(h, user="alice", state=None, reason="", predicted="", model="") -> Screen:
@@ -181,7 +181,7 @@ def test_a_forged_or_empty_token_is_refused(handlers, service):
 def test_an_item_whose_image_is_gone_can_still_be_marked_bad(handlers, service):
     screen = show(handlers)
     sha = item(service, item_id(screen)).image_sha256
-    service.store.delete(sha)
+    service.store.images.delete(sha)
     screen = show(handlers, state=screen.state)
     assert "no longer stored" in screen.image and screen.token
     decide(handlers, screen, "bad_image")
@@ -250,10 +250,10 @@ def test_counts_show_progress(handlers, service):
 
 
 def test_second_opinions_show_agreement(settings):
-    svc = ReviewService.build(settings.model_copy(update={"second_opinion_rate": 1.0}), INFO)
+    svc = build_kit(settings.model_copy(update={"second_opinion_rate": 1.0}), INFO)
     try:
         log_items(svc, [(0.5, 0.3, 0.2), (0.2, 0.3, 0.5)])
-        h = ReviewHandlers(svc.settings, svc, VOCAB, counts_ttl_s=0)
+        h = ReviewHandlers(svc.store.settings, svc.desk, counts_ttl_s=0)
         first = show(h, "alice")
         assert "Second opinion: 0 of 2" in first.details
         decide(h, decide(h, first, "confirm"), "confirm")  # alice decides both
@@ -264,17 +264,17 @@ def test_second_opinions_show_agreement(settings):
         decide(h, bob, "relabel", "dog", user="bob")  # disagrees
         assert "agreement 50% (1 of 2)" in h.progress(req("alice"))
     finally:
-        svc.close()
+        svc.store.close()
 
 
 # ---- what the browser gets ------------------------------------------------------------------------------------
 def test_image_travels_as_data_url_not_as_a_gradio_file(handlers, service, settings):
     screen = show(handlers)
-    sha = service.transaction(lambda s: s.get(QueueEntry, item_id(screen)).image_sha256, read=True)
+    sha = service.store.transaction(lambda s: s.get(QueueEntry, item_id(screen)).image_sha256, read=True)
     src = screen.image.split('src="', 1)[1].split('"', 1)[0]
     assert src.startswith("data:image/png;base64,")
-    assert base64.b64decode(src.split(",", 1)[1]) == service.image_bytes(sha)
-    app = build_review_app(settings, service, VOCAB)
+    assert base64.b64decode(src.split(",", 1)[1]) == service.desk.image_bytes(sha)
+    app = build_review_app(settings, service.desk)
     # Gradio copies the value of any of these into its shared cache, which the public app at "/" also serves.
     file_kinds = (gr.Image, gr.File, gr.Gallery, gr.ImageEditor, gr.Video, gr.Audio, gr.AnnotatedImage)
     assert not [b for b in app.blocks.values() if isinstance(b, file_kinds)]
@@ -312,7 +312,7 @@ def test_review_mount_requires_login(settings, service):
     from fastapi.testclient import TestClient
 
     app = FastAPI()
-    gr.mount_gradio_app(app, build_review_app(settings, service, VOCAB), path="/review",
+    gr.mount_gradio_app(app, build_review_app(settings, service.desk), path="/review",
                         **review_mount_options(settings))
     with TestClient(app) as anon:
         assert anon.get("/review/config").status_code == 401
@@ -329,17 +329,17 @@ def test_next_item_within_150ms_with_100k_predictions(tmp_path):
     from bench.synthetic import populate
 
     settings = Settings(data_dir=tmp_path, reviewers="alice:" + hash_password("x", iterations=1000))
-    svc = ReviewService.build(settings, INFO)
+    svc = build_kit(settings, INFO)
     try:
-        filled = populate(svc.engine, 100_000, vocab=VOCAB, model_version=INFO.version)
+        filled = populate(svc.store.engine, 100_000, vocab=VOCAB, model_version=INFO.version)
         assert filled["queued"] > 1000
         # synthetic rows have no image files: give the items we will visit a realistic 224x224 PNG
-        top = svc.transaction(lambda s: list(s.scalars(select(QueueEntry.image_sha256)
+        top = svc.store.transaction(lambda s: list(s.scalars(select(QueueEntry.image_sha256)
                                                        .order_by(QueueEntry.priority.desc()).limit(80))), read=True)
         png = Image.fromarray(np.random.default_rng(0).integers(0, 255, (224, 224, 3), dtype=np.uint8))
         for sha in top:
-            svc.store.path(sha).parent.mkdir(parents=True, exist_ok=True)
-            png.save(svc.store.path(sha), "PNG")
+            svc.store.images.path(sha).parent.mkdir(parents=True, exist_ok=True)
+            png.save(svc.store.images.path(sha), "PNG")
         parts: dict[str, list[float]] = {"next_item": [], "decide": []}
 
         def timed(name, fn):  # where the time goes, for the failure message
@@ -351,19 +351,20 @@ def test_next_item_within_150ms_with_100k_predictions(tmp_path):
                     parts[name].append((time.perf_counter() - t0) * 1000)
             return wrapper
 
-        svc.next_item, svc.decide = timed("next_item", svc.next_item), timed("decide", svc.decide)
-        h = ReviewHandlers(settings, svc, VOCAB)
+        svc.desk.next_item = timed("next_item", svc.desk.next_item)
+        svc.desk.decide = timed("decide", svc.desk.decide)
+        h = ReviewHandlers(settings, svc.desk)
         screen, times = show(h), []
         for i in range(40):
             t0 = time.perf_counter()
             screen = decide(h, screen, ("confirm", "out_of_domain", "skip")[i % 3])
             times.append((time.perf_counter() - t0) * 1000)
             assert screen.token
-        total = svc.transaction(lambda s: s.scalar(select(func.count()).select_from(Decision)), read=True)
+        total = svc.store.transaction(lambda s: s.scalar(select(func.count()).select_from(Decision)), read=True)
         assert total == 40
         p50, worst = statistics.median(times), max(times)
         split = ", ".join(f"{k} p50 {statistics.median(v):.1f} ms" for k, v in parts.items())
         print(f"decision -> next item: p50 {p50:.1f} ms, max {worst:.1f} ms (100k predictions; {split})")
         assert p50 <= 150, (split, times)
     finally:
-        svc.close()
+        svc.store.close()

@@ -14,9 +14,9 @@ from fastapi.responses import JSONResponse
 from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import UploadFile
 
-from model.predictor import top_k
 from serving.gate import Busy, Gate
-from serving.imageio import ImageRejected, decode_image
+from serving.imageio import ImageRejected
+from serving.pipeline import Input, Pipeline
 
 MB = 1 << 20
 # Multipart framing (boundaries, part headers) on top of the file itself.
@@ -33,44 +33,37 @@ def error(status: int, message: str, headers: dict | None = None) -> JSONRespons
 
 
 class ApiHandlers:
-    def __init__(self, settings, predictor, service, gate: Gate):
+    def __init__(self, settings, pipeline: Pipeline, gate: Gate):
         self.settings = settings
-        self.predictor = predictor
-        self.service = service
+        self.pipeline = pipeline
         self.gate = gate
         self.max_bytes = settings.max_upload_bytes
 
-    def model_json(self) -> dict:
-        info = self.predictor.info
+    @staticmethod
+    def model_json(info) -> dict:
         return {"name": info.name, "version": info.version, "sha256": info.sha256, "backend": info.backend}
 
     def too_large(self, size: int | None = None) -> JSONResponse:
         got = f" ({_mb(size)})" if size else ""
         return error(413, f"This file is too large{got}; the limit is {_mb(self.max_bytes)}.")
 
-    def predict_bytes(self, data: bytes, start: float) -> JSONResponse:
-        """Runs in a worker thread, already admitted: decode and predict in a run slot (decoding is CPU work too)."""
-        try:
-            with self.gate.running():
-                img = decode_image(data, max_bytes=self.max_bytes, max_pixels=self.settings.max_pixels)
-                probs = self.predictor.predict_probs([img])[0]
-        except ImageRejected as e:
-            return error(422, e.args[0])
+    def predict_bytes(self, data: bytes, start: float, session: str | None = None) -> JSONResponse:
+        """Runs in a worker thread, already admitted: the prediction path in a run slot (decoding is CPU too)."""
+        with self.gate.running():
+            answer = self.pipeline.predict_one(Input(data, "api", session))
+        if isinstance(answer, ImageRejected):
+            return error(422, answer.args[0])
         latency_ms = (time.perf_counter() - start) * 1000
-        pid = self.service.log_prediction(image=img, probs=probs, source="api", latency_ms=latency_ms)
-        vocab = self.predictor.info.vocab
-        best = int(probs.argmax())
+        vocab = answer.model.vocab
         return JSONResponse({
-            "label": vocab[best],
-            "confidence": float(probs[best]),
-            "probabilities": {c: float(p) for c, p in zip(vocab, probs, strict=True)},  # vocab order
-            "top_k": [{"label": c, "probability": p}
-                      for c, p in top_k(probs, vocab, self.settings.top_k).items()],
-            "model": self.model_json(),
+            "label": answer.label,
+            "confidence": answer.confidence,
+            "probabilities": {c: float(p) for c, p in zip(vocab, answer.probs, strict=True)},  # vocab order
+            "top_k": [{"label": c, "probability": p} for c, p in answer.top_k.items()],
+            "model": self.model_json(answer.model),
             "latency_ms": round(latency_ms, 3),
-            "prediction_id": pid,
+            "prediction_id": answer.prediction_id,
         })
-
 
     async def read_and_predict(self, request: Request, start: float) -> JSONResponse:
         try:
@@ -86,18 +79,21 @@ class ApiHandlers:
         return await run_in_threadpool(self.predict_bytes, data, start)
 
 
-def build_api_router(settings, predictor, service, gate: Gate) -> APIRouter:
-    api = ApiHandlers(settings, predictor, service, gate)
+def build_api_router(settings, pipeline: Pipeline, gate: Gate) -> APIRouter:
+    api = ApiHandlers(settings, pipeline, gate)
+    models = pipeline.router
     router = APIRouter()
 
     @router.get("/healthz")
     async def healthz() -> dict:
         # Cheap on purpose (Docker HEALTHCHECK polls it): no model call, no database.
-        return {"status": "ok", "model": predictor.info.version}
+        return {"status": "ok", "model": models.current.info.version}
 
     @router.get("/api/v1/model")
     async def model() -> dict:
-        return {**api.model_json(), "classes": list(predictor.info.vocab), "top_k": settings.top_k}
+        info = models.current.info
+        return {**api.model_json(info), "classes": list(info.vocab), "top_k": settings.top_k,
+                "routes": models.routes().versions()}
 
     @router.post("/api/v1/predict")
     async def predict(request: Request):

@@ -11,24 +11,19 @@ from __future__ import annotations
 import base64
 import binascii
 import os
-import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import gradio as gr
-import numpy as np
-from PIL import Image
 
-from model.predictor import top_k
 from review.types import ReviewError
-from serving.imageio import ImageRejected, decode_image
+from serving.imageio import ImageRejected
+from serving.pipeline import Answer, Input, Pipeline, Result
 
 # Simultaneous live-webcam sessions. A stream holds its slot for its whole duration (up to
 # stream_time_limit), so this is "how many people can watch live predictions at once".
 LIVE_STREAMS = 4
 # Feedback and other cheap events; they never run the model.
 DEFAULT_CONCURRENCY = 4
-EMPTY_CANVAS = "The canvas is empty: draw a digit first."
 # Gradio's Sketchpad starts with no tool selected ("select the draw tool to start"): pick the brush when the
 # Draw tab opens. The tab's content may render a moment after the select event, hence the short retry.
 SELECT_BRUSH_JS = """() => { let tries = 0; const pick = () => {
@@ -57,22 +52,20 @@ def demo_examples() -> list[str]:
     return [str(p) for p in sorted(Path(DEMO_EXAMPLES_DIR).glob("*.png"))]
 
 
-@dataclass(frozen=True)
-class Prediction:
-    id: str
-    probs: np.ndarray
-    label: str
-    latency_ms: float
+def _sessions(requests, n: int) -> list[str | None]:
+    """Session ids of a batch (Gradio passes one gr.Request per item to a batched function), or Nones."""
+    if isinstance(requests, list | tuple):
+        return [getattr(r, "session_hash", None) for r in requests] + [None] * (n - len(requests))
+    return [getattr(requests, "session_hash", None)] * n
 
 
 class PredictHandlers:
     """Event handlers behind the Predict UI. No Gradio server needed to call them."""
 
-    def __init__(self, settings, predictor, service):
+    def __init__(self, settings, pipeline: Pipeline, store):
         self.settings = settings
-        self.predictor = predictor
-        self.service = service
-        self.info = predictor.info
+        self.pipeline = pipeline
+        self.store = store
         self.max_bytes = settings.max_upload_bytes
 
     # ---- input ---------------------------------------------------------------------------
@@ -104,83 +97,63 @@ class PredictHandlers:
         except binascii.Error:
             raise ImageRejected("The browser sent a damaged image; please try again.") from None
 
-    def decode(self, data: bytes) -> Image.Image:
-        return decode_image(data, max_bytes=self.max_bytes, max_pixels=self.settings.max_pixels)
-
-    def _decode_payload(self, payload, source: str) -> Image.Image | ImageRejected | None:
+    def to_input(self, payload, source: str, session: str | None = None, *, log: bool = True) -> Input | ImageRejected:
         try:
-            data = self.read(payload)
-            if data is None:
-                return ImageRejected(EMPTY_CANVAS) if source == "sketch" else None
-            img = self.decode(data)
+            return Input(self.read(payload), source, session, log=log)
         except ImageRejected as e:
             return e
         except FileNotFoundError:  # Gradio's cache was cleaned under an old tab (delete_cache)
             return ImageRejected("This upload is no longer available; please upload the image again.")
-        if source == "sketch" and img.convert("L").getextrema()[0] > 250:
-            # A blank canvas is a valid image, but classifying white paper only adds noise to the log.
-            return ImageRejected(EMPTY_CANVAS)
-        return img
 
     # ---- prediction ----------------------------------------------------------------------
-    def classify(self, payloads: list, source: str) -> list[Prediction | ImageRejected | None]:
-        """Decode each item, run the model ONCE on all good ones, log each prediction."""
-        start = time.perf_counter()
-        decoded = [self._decode_payload(p, source) for p in payloads]
-        images = [d for d in decoded if isinstance(d, Image.Image)]
-        probs = self.predictor.predict_probs(images) if images else None
-        latency_ms = (time.perf_counter() - start) * 1000
-        rows = iter(probs if probs is not None else ())
-        out: list[Prediction | ImageRejected | None] = []
-        for d in decoded:
-            if not isinstance(d, Image.Image):
-                out.append(d)  # rejected or empty: nothing logged, nothing stored
-                continue
-            row = next(rows)
-            pid = self.service.log_prediction(image=d, probs=row, source=source, latency_ms=latency_ms)
-            out.append(Prediction(pid, row, self.info.vocab[int(np.argmax(row))], latency_ms))
-        return out
+    def classify(self, payloads: list, source: str, sessions: list[str | None] | None = None) -> list[Result]:
+        """Read each payload, then the one prediction path for all of them (a rejected read keeps its message)."""
+        sessions = sessions or [None] * len(payloads)
+        inputs = [self.to_input(p, source, s) for p, s in zip(payloads, sessions, strict=True)]
+        good = [i for i in inputs if isinstance(i, Input)]
+        answers = iter(self.pipeline.predict(good))
+        return [next(answers) if isinstance(i, Input) else i for i in inputs]
 
-    def describe(self, latency_ms: float) -> str:
-        return f"Model `{self.info.version}` · {self.info.backend} · {latency_ms:.1f} ms"
+    @staticmethod
+    def describe(answer: Answer) -> str:
+        return f"Model `{answer.model.version}` · {answer.model.backend} · {answer.latency_ms:.1f} ms"
 
-    def predict_batch(self, payloads: list, source: str) -> tuple[list, list, list]:
+    def predict_batch(self, payloads: list, source: str, requests=None) -> tuple[list, list, list]:
         """Gradio batch function: lists in, one list per output component out (label, info line, state).
 
         A batch of one that is rejected raises ``gr.Error`` (the usual case: a person's own bad file).
         In a batch of several, raising would fail everyone's request, so a rejected item gets its message
         in its own info line while the others get their answers.
         """
-        results = self.classify(list(payloads), source)
+        payloads = list(payloads)
+        results = self.classify(payloads, source, _sessions(requests, len(payloads)))
         if len(results) == 1 and isinstance(results[0], ImageRejected):
             raise gr.Error(results[0].args[0], print_exception=False)
         labels, infos, states = [], [], []
         for r in results:
-            if isinstance(r, Prediction):
-                labels.append(top_k(r.probs, self.info.vocab, self.settings.top_k))
-                infos.append(self.describe(r.latency_ms))
-                states.append({"id": r.id, "label": r.label})
+            if isinstance(r, Answer):
+                labels.append(r.top_k)
+                infos.append(self.describe(r))
+                states.append({"id": r.prediction_id, "label": r.label, "model": r.model.version,
+                               "classes": list(r.model.vocab)})
             else:
                 labels.append(None)
                 infos.append(f"**Image not accepted:** {r.args[0]}" if isinstance(r, ImageRejected) else "")
                 states.append(None)
         return labels, infos, states
 
-    def stream_frame(self, payload, count: int | None) -> tuple:
+    def stream_frame(self, payload, count: int | None, request=None) -> tuple:
         """One live-webcam frame -> (top-k, info, frame count). Logs one frame in ``stream_log_every``."""
-        start = time.perf_counter()
-        img = self._decode_payload(payload, "stream")
-        if img is None:  # the stream has not produced a frame yet
+        count = count or 0
+        item = self.to_input(payload, "stream", _sessions(request, 1)[0],
+                             log=count % self.settings.stream_log_every == 0)  # the first frame, then every Nth
+        answer = self.pipeline.predict_one(item) if isinstance(item, Input) else item
+        if answer is None:  # the stream has not produced a frame yet
             return gr.skip(), gr.skip(), count
-        if isinstance(img, ImageRejected):
+        if isinstance(answer, ImageRejected):
             # Raising would end the whole stream over one bad frame; show it and keep going.
-            return None, f"**Frame skipped:** {img.args[0]}", count
-        probs = self.predictor.predict_probs([img])[0]
-        latency_ms = (time.perf_counter() - start) * 1000
-        count = (count or 0) + 1
-        if (count - 1) % self.settings.stream_log_every == 0:  # first frame, then every Nth
-            self.service.log_prediction(image=img, probs=probs, source="stream", latency_ms=latency_ms)
-        return top_k(probs, self.info.vocab, self.settings.top_k), self.describe(latency_ms), count
+            return None, f"**Frame skipped:** {answer.args[0]}", count
+        return answer.top_k, self.describe(answer), count + 1
 
     # ---- feedback ------------------------------------------------------------------------
     def feedback(self, state: dict | None, *, correct: bool | None, claimed: str | None = None) -> str:
@@ -188,11 +161,11 @@ class PredictHandlers:
         if not state:
             return "Classify an image first, then tell us whether the answer was right."
         if claimed is not None:
-            if claimed not in self.info.vocab:
+            if claimed not in state["classes"]:
                 raise gr.Error("Pick one of the listed classes.", print_exception=False)
             correct = claimed == state["label"]
         try:
-            self.service.record_feedback(state["id"], correct=correct, claimed_label=claimed)
+            self.store.record_feedback(state["id"], correct=correct, claimed_label=claimed)
         except ReviewError as e:  # e.g. the prediction was purged meanwhile; the message is safe to show
             raise gr.Error(e.args[0], print_exception=False) from None
         if correct:
@@ -200,6 +173,16 @@ class PredictHandlers:
         if claimed is None:
             return "Thanks, noted. If you know the right answer, pick it above."
         return f"Thanks, noted: the right answer is **{claimed}**."
+
+    @staticmethod
+    def reset_feedback(state: dict | None):
+        """A new answer: the feedback widgets start afresh, offering the classes of the model that answered."""
+        return gr.update(choices=list(state["classes"]) if state else [], value=None), ""
+
+    def header(self) -> str:
+        info = self.pipeline.router.current.info
+        return (f"# Loupe · {info.name}\nAn image classifier for {len(info.vocab)} classes "
+                f"(model `{info.version}`, {info.backend}).")
 
 
 def storage_notice(settings) -> str:
@@ -210,13 +193,11 @@ def storage_notice(settings) -> str:
     return "Images you submit are not stored: they are classified and then discarded."
 
 
-def build_predict_app(settings, predictor, service) -> gr.Blocks:
-    h = PredictHandlers(settings, predictor, service)
-    info = predictor.info
+def build_predict_app(settings, pipeline: Pipeline, store) -> gr.Blocks:
+    h = PredictHandlers(settings, pipeline, store)
     demo_mode = serving_demo(settings)
-    with gr.Blocks(title=f"Loupe · {info.name}", analytics_enabled=False, delete_cache=(600, 600)) as app:
-        gr.Markdown(f"# Loupe · {info.name}\nAn image classifier for {len(info.vocab)} classes "
-                    f"(model `{info.version}`, {info.backend}).", elem_id="header")
+    with gr.Blocks(title="Loupe", analytics_enabled=False, delete_cache=(600, 600)) as app:
+        header = gr.Markdown(h.header(), elem_id="header")
         gr.Markdown(storage_notice(settings), elem_id="storage-notice")
         if settings.hf_sign_in:
             # HF's OAuth callback lives on this (public) app; the /review mount reads the shared session.
@@ -264,7 +245,7 @@ def build_predict_app(settings, predictor, service) -> gr.Blocks:
                     with gr.Row():
                         yes = gr.Button("Yes", size="sm", elem_id="feedback-yes")
                         no = gr.Button("No", size="sm", elem_id="feedback-no")
-                    claimed = gr.Dropdown(choices=list(info.vocab), value=None, label="The right answer is …",
+                    claimed = gr.Dropdown(choices=[], value=None, label="The right answer is …",
                                           elem_id="feedback-label", interactive=True)
                 feedback_md = gr.Markdown(elem_id="feedback-status")
 
@@ -273,17 +254,14 @@ def build_predict_app(settings, predictor, service) -> gr.Blocks:
                            preprocess=False, concurrency_limit=model_workers(settings), concurrency_id="model")
 
         # (param names show in the API docs; with batch=True each is really a list of images)
-        def predict(image):
-            return h.predict_batch(image, "upload")
+        def predict(image, request: gr.Request):
+            return h.predict_batch(image, "upload", request)
 
-        def predict_webcam(image):
-            return h.predict_batch(image, "webcam")
+        def predict_webcam(image, request: gr.Request):
+            return h.predict_batch(image, "webcam", request)
 
-        def predict_sketch(drawing):
-            return h.predict_batch(drawing, "sketch")
-
-        def new_prediction():  # feedback widgets start afresh for each answer
-            return None, ""
+        def predict_sketch(drawing, request: gr.Request):
+            return h.predict_batch(drawing, "sketch", request)
 
         # .upload, not .change: .change fires twice when an image replaces another (two predictions, two rows).
         events = [upload.upload(predict, inputs=[upload], api_name="predict", **model_event),
@@ -301,7 +279,8 @@ def build_predict_app(settings, predictor, service) -> gr.Blocks:
             events.append(sketch_btn.click(predict_sketch, inputs=[sketch], api_name="predict_sketch",
                                            api_visibility="private", **model_event))
         for event in events:
-            event.success(new_prediction, outputs=[claimed, feedback_md], queue=False, api_visibility="private")
+            event.success(h.reset_feedback, inputs=[pred_state], outputs=[claimed, feedback_md], queue=False,
+                          api_visibility="private")
         live.stream(h.stream_frame, inputs=[live, live_count], outputs=[live_label, live_info, live_count],
                     preprocess=False, stream_every=settings.stream_every, time_limit=settings.stream_time_limit,
                     concurrency_limit=LIVE_STREAMS, concurrency_id="live", api_name="predict_stream",
@@ -314,6 +293,7 @@ def build_predict_app(settings, predictor, service) -> gr.Blocks:
         # .input (not .change): only a person's choice counts, not our reset after a new prediction.
         claimed.input(lambda s, c: h.feedback(s, correct=None, claimed=c) if c else gr.skip(),
                       inputs=[pred_state, claimed], outputs=[feedback_md], api_visibility="private")
+        app.load(h.header, outputs=[header], queue=False, api_visibility="private")  # the model serving now
     # A full queue answers at once ("busy, try again") instead of making everyone wait.
     app.queue(max_size=settings.queue_max_size, default_concurrency_limit=DEFAULT_CONCURRENCY)
     return app

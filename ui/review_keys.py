@@ -1,7 +1,9 @@
-"""Keyboard shortcuts of the Review app: keys -> clicks on buttons by elem_id, computed from the vocab."""
+"""Keyboard shortcuts of the Review app: action keys click buttons by elem_id; class keys come with each item's
+vocab (a hidden keymap element), since items of several model versions may be reviewed in one session."""
 
 from __future__ import annotations
 
+import html
 import json
 
 ACTION_KEYS = {"Enter": "review-confirm", "x": "review-ood", "b": "review-bad", "s": "review-skip", "u": "review-undo"}
@@ -20,24 +22,41 @@ def shortcut_keys(vocab: tuple[str, ...]) -> dict[str, int]:
     return keys
 
 
-def keyboard_js(vocab: tuple[str, ...]) -> str:
-    """Page-load JS: map keys to clicks on buttons by elem_id; never while the user types in a field."""
-    keymap = {**ACTION_KEYS, **{k: f"review-class-{i}" for k, i in shortcut_keys(vocab).items()}}
-    return _KEYBOARD_JS.replace("__KEYS__", json.dumps(keymap))
+def keymap_html(vocab: tuple[str, ...]) -> str:
+    """A hidden element carrying this item's key -> class map; the keyboard script reads it on every key press."""
+    keymap = {k: vocab[i] for k, i in shortcut_keys(tuple(vocab)).items()}
+    return f'<div id="review-keymap" hidden data-keys="{html.escape(json.dumps(keymap), quote=True)}"></div>'
+
+
+def keyboard_js() -> str:
+    """Page-load JS: action keys click their buttons; class keys relabel through the hidden key target."""
+    return _KEYBOARD_JS.replace("__ACTIONS__", json.dumps(ACTION_KEYS))
 
 
 _KEYBOARD_JS = """() => {
   if (window.__loupeReviewKeys) return;  // Gradio may run load JS again; one listener is enough
   window.__loupeReviewKeys = true;
-  const KEYS = __KEYS__;
+  const ACTIONS = __ACTIONS__;
   const TYPING = new Set(["text", "search", "email", "number", "password", "url", "tel"]);
+  const classOf = (key) => {
+    const map = document.getElementById("review-keymap");
+    try { return map ? JSON.parse(map.dataset.keys || "{}")[key] : undefined; } catch (err) { return undefined; }
+  };
   document.addEventListener("keydown", (e) => {
     if (e.ctrlKey || e.metaKey || e.altKey || e.repeat || e.isComposing) return;
     const t = e.target;
     if (t && (t.isContentEditable || t.tagName === "TEXTAREA" || t.tagName === "SELECT" ||
               (t.tagName === "INPUT" && TYPING.has((t.type || "text").toLowerCase())))) return;
-    const id = KEYS[e.key.length === 1 ? e.key.toLowerCase() : e.key];
-    const button = id && document.getElementById(id);
+    const key = e.key.length === 1 ? e.key.toLowerCase() : e.key;
+    let button = ACTIONS[key] && document.getElementById(ACTIONS[key]);
+    const label = button ? undefined : classOf(key);
+    if (label !== undefined) {
+      const box = document.querySelector("#review-key-label textarea, #review-key-label input");
+      button = document.getElementById("review-key-relabel");
+      if (!box || !button) return;
+      box.value = label;
+      box.dispatchEvent(new Event("input", { bubbles: true }));
+    }
     if (!button || button.disabled) return;
     e.preventDefault();  // also stops Enter from "clicking" whichever button has focus
     button.click();

@@ -22,7 +22,7 @@ from PIL import Image
 
 from review.types import REASON_TEXT, REASONS, DecisionResult, QueueItem, ReviewError
 from ui.review_auth import auth_fn, hf_auth_dependency, require_reviewer
-from ui.review_keys import key_hint, keyboard_js, shortcut_keys
+from ui.review_keys import key_hint, keyboard_js, keymap_html, shortcut_keys
 
 MAX_SIDE = 1280  # reviewers need detail, not the original 40-megapixel file over the wire
 SMALL_SIDE = 256  # below this the browser enlarges the image pixelated, not blurred
@@ -107,10 +107,9 @@ def _filters(reason: str | None, predicted: str | None, model_version: str | Non
 
 
 class ReviewHandlers:
-    def __init__(self, settings, service, vocab, *, counts_ttl_s: float = 2.0):
+    def __init__(self, settings, desk, *, counts_ttl_s: float = 2.0):
         self.settings = settings
-        self.service = service
-        self.vocab = tuple(vocab)
+        self.desk = desk
         # Counting is the slow part (aggregates over the whole log, growing with it), so it runs after the next
         # item is on screen, and several reviewers share one recent result instead of each recounting.
         self.counts_ttl_s = counts_ttl_s
@@ -124,21 +123,26 @@ class ReviewHandlers:
         """Claim (or keep) the reviewer's item and draw it. ``fresh``: a new idempotency key even for the same item
         (after a decision or undo: the old key would replay the old decision instead of recording a new one)."""
         try:
-            item = self.service.next_item(reviewer, **filters)
+            item = self.desk.next_item(reviewer, **filters)
         except ReviewError as e:
             raise gr.Error(str(e.args[0])) from e
         if item is None:
-            empty = '<div id="review-empty">Nothing left to review with these filters.</div>'
-            return Screen(empty, "", None, status, "", {"item_id": None, "key": None}, None)
+            empty = '<div id="review-empty">Nothing left to review with these filters.</div>' + keymap_html(())
+            return Screen(empty, "", None, status, "", {"item_id": None, "key": None},
+                          gr.update(choices=[], value=None))
         same = state is not None and state.get("item_id") == item.item_id and not fresh
         key = state["key"] if same else uuid.uuid4().hex
         try:
-            html = image_html(self.service.image_bytes(item.image_sha256), f"Queued image {item.image_sha256[:12]}")
+            html = image_html(self.desk.image_bytes(item.image_sha256), f"Queued image {item.image_sha256[:12]}")
         except ReviewError as e:  # purged or lost file: still decidable (bad image, skip), so say so and go on
             html = f'<div id="review-missing">{_md(e.args[0])}</div>'
+        # Each item is shown and decided in the classes of the model that queued it, keys included.
+        keys = shortcut_keys(item.vocab)
+        choices = [(key_hint(i, name, keys), name) for i, name in enumerate(item.vocab)]
         probs = dict(list(item.probs.items())[: self.settings.top_k])
-        return Screen(html, item_details(item), probs, status, f"{item.item_id}:{key}",
-                      {"item_id": item.item_id, "key": key}, None)
+        return Screen(html + keymap_html(item.vocab), item_details(item), probs, status, f"{item.item_id}:{key}",
+                      {"item_id": item.item_id, "key": key},
+                      gr.update(choices=choices, value=None))
 
     def progress(self, request: gr.Request, profile: gr.OAuthProfile | None = None) -> str:
         """Counts and progress (chained after each event, and on a timer)."""
@@ -146,9 +150,15 @@ class ReviewHandlers:
         with self._counts_lock:  # one recount at a time; the others wait for it and reuse it
             now = time.monotonic()
             if self._counts is None or now - self._counts[0] >= self.counts_ttl_s:
-                self._counts = (now, self.service.counts())
+                self._counts = (now, self.desk.counts())
             counts = self._counts[1]
         return counts_md(counts, reviewer)
+
+    def filter_choices(self, request: gr.Request, profile: gr.OAuthProfile | None = None):
+        """The filters' choices: every class and model version registered so far."""
+        self._user(request, profile)
+        return (gr.update(choices=[("All classes", "")] + self.desk.classes()),
+                gr.update(choices=[("All models", "")] + self.desk.model_versions()))
 
     def show(self, state, reason, predicted, model_version, request: gr.Request,
              profile: gr.OAuthProfile | None = None) -> Screen:
@@ -166,7 +176,7 @@ class ReviewHandlers:
         if action == "relabel" and not label:
             raise gr.Error("Pick the right class first (or press its key).")
         try:
-            result = self.service.decide(reviewer, int(item_id), action=action,
+            result = self.desk.decide(reviewer, int(item_id), action=action,
                                          label=label if action == "relabel" else None, idempotency_key=key)
         except ReviewError as e:
             raise gr.Error(str(e.args[0])) from e
@@ -188,7 +198,7 @@ class ReviewHandlers:
         # the first undo); a press after the answer arrived carries the new screen's key and walks further back.
         key = f"undo:{(token or '').partition(':')[2] or uuid.uuid4().hex}"
         try:
-            result = self.service.undo(reviewer, idempotency_key=key)
+            result = self.desk.undo(reviewer, idempotency_key=key)
         except ReviewError as e:
             raise gr.Error(str(e.args[0])) from e
         status = f"↶ {_md(result.message)}"
@@ -206,11 +216,8 @@ CSS = """
 """
 
 
-def build_review_app(settings, service, vocab) -> gr.Blocks:
-    vocab = tuple(vocab)
-    h = ReviewHandlers(settings, service, vocab)
-    keys = shortcut_keys(vocab)
-    choices = [(key_hint(i, name, keys), name) for i, name in enumerate(vocab)]
+def build_review_app(settings, desk) -> gr.Blocks:
+    h = ReviewHandlers(settings, desk)
     with gr.Blocks(title="Loupe · Review", analytics_enabled=False) as app:
         state = gr.State({"item_id": None, "key": None})
         with gr.Row():
@@ -227,16 +234,17 @@ def build_review_app(settings, service, vocab) -> gr.Blocks:
                     confirm = gr.Button("Confirm [Enter]", variant="primary", elem_id="review-confirm", min_width=90)
                     ood = gr.Button("None of these / out of domain [X]", elem_id="review-ood", min_width=90)
                     bad = gr.Button("Bad image [B]", elem_id="review-bad", min_width=90)
-                picker = gr.Radio if len(vocab) <= 12 else gr.Dropdown
-                choice = picker(choices, label="Relabel as (press the class key to relabel at once)",
-                                elem_id="review-relabel-choice")
+                # Choices come with each item: the classes of the model that queued it.
+                choice = gr.Radio([], label="Relabel as (press the class key to relabel at once)",
+                                  elem_id="review-relabel-choice")
                 with gr.Row():
                     relabel = gr.Button("Relabel", elem_id="review-relabel", min_width=90)
                     skip = gr.Button("Skip [S]", elem_id="review-skip", min_width=90)
                     undo = gr.Button("Undo [U]", elem_id="review-undo", min_width=90)
-                # Key targets: one per class with a shortcut, so a key press needs no selection round trip.
-                class_buttons = {i: gr.Button(vocab[i], visible="hidden", elem_id=f"review-class-{i}")
-                                 for i in sorted(set(keys.values()))}
+                # Key target: the keyboard script puts the class of the pressed key here and clicks the button, so a
+                # key press needs no selection round trip.
+                key_label = gr.Textbox(visible="hidden", elem_id="review-key-label")
+                key_relabel = gr.Button(visible="hidden", elem_id="review-key-relabel")
                 gr.Markdown("Keys: **Enter** confirm · **1–9, 0** or a class's first letter relabel · **X** out of "
                             "domain · **B** bad image · **S** skip · **U** undo", elem_id="review-keys")
         with gr.Accordion("Progress and filters", open=True):
@@ -244,9 +252,11 @@ def build_review_app(settings, service, vocab) -> gr.Blocks:
             with gr.Row():
                 reason = gr.Dropdown([("All reasons", "")] + [(n.replace("_", " "), n) for n in REASONS], value="",
                                      label="Reason", elem_id="review-filter-reason")
-                predicted = gr.Dropdown([("All classes", "")] + list(vocab), value="", label="Predicted class",
+                # Filled on page load: models are registered while the app runs. (Gradio keeps a session's
+                # updated choices, and checks submitted values against those.)
+                predicted = gr.Dropdown([("All classes", "")], value="", label="Predicted class",
                                         elem_id="review-filter-predicted")
-                model = gr.Dropdown([("All models", "")] + service.model_versions(), value="", label="Model version",
+                model = gr.Dropdown([("All models", "")], value="", label="Model version",
                                     elem_id="review-filter-model")
                 refresh = gr.Button("Refresh", elem_id="review-refresh")
         token = gr.Textbox(visible="hidden", elem_id="review-token")
@@ -256,20 +266,20 @@ def build_review_app(settings, service, vocab) -> gr.Blocks:
         # writers anyway; a handful at once keeps several reviewers responsive.
         opts = dict(outputs=outputs, concurrency_id="review", concurrency_limit=4, api_visibility="private")
 
-        def act(action: str, label: str | None = None):
+        def act(action: str):
             def handler(token, state, reason, predicted, model_version, request: gr.Request,
                         profile: gr.OAuthProfile | None = None):
-                return h.decide(action, label, token, state, reason, predicted, model_version, request, profile)
+                return h.decide(action, None, token, state, reason, predicted, model_version, request, profile)
             return handler
 
-        def relabel_fn(choice, token, state, reason, predicted, model_version, request: gr.Request,
+        def relabel_fn(label, token, state, reason, predicted, model_version, request: gr.Request,
                        profile: gr.OAuthProfile | None = None):
-            return h.decide("relabel", choice, token, state, reason, predicted, model_version, request, profile)
+            return h.decide("relabel", label, token, state, reason, predicted, model_version, request, profile)
 
         inputs = [token, state, *filters]
         events = [button.click(act(action), inputs, **opts)
                   for button, action in ((confirm, "confirm"), (ood, "out_of_domain"), (bad, "bad_image"), (skip, "skip"))]
-        events += [button.click(act("relabel", vocab[i]), inputs, **opts) for i, button in class_buttons.items()]
+        events.append(key_relabel.click(relabel_fn, [key_label, *inputs], **opts))
         events.append(relabel.click(relabel_fn, [choice, *inputs], **opts))
         events.append(undo.click(h.undo, inputs, **opts))
         events += [trigger(h.show, [state, *filters], **opts)
@@ -279,7 +289,8 @@ def build_review_app(settings, service, vocab) -> gr.Blocks:
         for event in events:
             event.then(h.progress, None, **progress)  # after the next item is on screen, never before
         gr.Timer(COUNTS_EVERY_S).tick(h.progress, None, **progress)  # other reviewers' progress too
-        app.load(None, js=keyboard_js(vocab))
+        app.load(h.filter_choices, None, [predicted, model], api_visibility="private")
+        app.load(None, js=keyboard_js())
     return app
 
 

@@ -50,19 +50,21 @@ def hardening(settings) -> dict:
     )
 
 
-def build_server(settings, predictor, service, *, gate: Gate | None = None) -> FastAPI:
+def build_server(settings, *, pipeline, store, desk, gate: Gate | None = None) -> FastAPI:
+    """The whole HTTP surface. ``pipeline`` answers predictions (its router says which model); ``store`` takes
+    feedback; ``desk`` serves reviewers."""
     app = FastAPI(title="Loupe", docs_url="/api/docs", redoc_url=None, openapi_url="/api/openapi.json")
     if gate is None:
         # As many REST predictions run at once as Gradio's model group; queue_max_size more may wait.
         gate = Gate(concurrency=model_workers(settings), max_waiting=settings.queue_max_size)
-    app.include_router(build_api_router(settings, predictor, service, gate))
+    app.include_router(build_api_router(settings, pipeline, gate))
     # Gradio's logout (and people typing the address) land on /review without the slash, which the
     # public mount at "/" would answer with 404.
     app.add_api_route("/review", lambda: RedirectResponse("/review/"), include_in_schema=False)
     if settings.hf_sign_in:
         _share_oauth_session(app, settings)
-    _mount_review(app, settings, predictor, service)
-    public = build_predict_app(settings, predictor, service)
+    _mount_review(app, settings, desk)
+    public = build_predict_app(settings, pipeline, store)
     gr.mount_gradio_app(app, public, path="/", **hardening(settings))
     return app
 
@@ -78,9 +80,9 @@ def _share_oauth_session(app: FastAPI, settings) -> None:
     app.add_middleware(SessionMiddleware, secret_key=secret, same_site="none", https_only=True)
 
 
-def _mount_review(app: FastAPI, settings, predictor, service) -> None:
+def _mount_review(app: FastAPI, settings, desk) -> None:
     from ui.review_tab import build_review_app, review_mount_options
 
-    review = build_review_app(settings, service, predictor.info.vocab)
+    review = build_review_app(settings, desk)
     gr.mount_gradio_app(app, review, path="/review", **{**hardening(settings),
                                                          **review_mount_options(settings)})

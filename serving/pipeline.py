@@ -1,0 +1,117 @@
+"""The one prediction path: untrusted bytes -> decoded image -> the routed model -> logged -> top-k answer.
+
+Every front end calls ``Pipeline.predict``: the Gradio upload, webcam, live stream and Sketchpad events, the REST
+API, and the dataset audit. Routing (current / canary), shadow scoring and monitoring hook in here, once.
+A batch is decoded item by item (a bad item is refused with its own message; the others still get answers) and
+each answering model runs ONCE on all of its good items.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Protocol
+
+import numpy as np
+from PIL import Image
+
+from model.predictor import ModelInfo, top_k
+from serving.imageio import ImageRejected, decode_image
+from serving.router import ModelRouter
+
+# Sources whose blank (near-white) image means "nothing there yet", not a picture of white paper.
+BLANK_IS_EMPTY = frozenset({"sketch"})
+EMPTY_CANVAS = "The canvas is empty: draw something first."
+
+
+@dataclass(frozen=True)
+class Input:
+    data: bytes | None  # the encoded image as received; None: no image (an empty component)
+    source: str  # review.types.SOURCES
+    session: str | None = None  # sticks a browser session to one model during a canary rollout
+    claimed_label: str | None = None  # a label the caller already knows (dataset audit)
+    log: bool = True  # False: answer only (e.g. live-stream frames between the logged ones)
+
+
+@dataclass(frozen=True)
+class Answer:
+    probs: np.ndarray  # in model.vocab order
+    model: ModelInfo  # the version that actually answered
+    latency_ms: float
+    prediction_id: str | None  # None when not logged
+    top_k: dict[str, float]  # most probable first (the shape gr.Label takes)
+
+    @property
+    def label(self) -> str:
+        return self.model.vocab[int(np.argmax(self.probs))]
+
+    @property
+    def confidence(self) -> float:
+        return float(np.max(self.probs))
+
+
+Result = Answer | ImageRejected | None
+
+
+class PredictionLog(Protocol):
+    def log_prediction(self, *, model: ModelInfo, data: bytes, image: Image.Image, probs: np.ndarray, source: str,
+                       latency_ms: float, claimed_label: str | None = None) -> str: ...
+
+
+class Pipeline:
+    def __init__(self, router: ModelRouter, log: PredictionLog, *, max_bytes: int, max_pixels: int, top_k: int):
+        self.router = router
+        self.log = log
+        self.max_bytes = max_bytes
+        self.max_pixels = max_pixels
+        self.top_k = top_k
+
+    @classmethod
+    def from_settings(cls, settings, router: ModelRouter, log: PredictionLog) -> Pipeline:
+        return cls(router, log, max_bytes=settings.max_upload_bytes, max_pixels=settings.max_pixels,
+                   top_k=settings.top_k)
+
+    def decode(self, item: Input) -> Image.Image | ImageRejected | None:
+        if item.data is None:
+            return ImageRejected(EMPTY_CANVAS) if item.source in BLANK_IS_EMPTY else None
+        try:
+            img = decode_image(item.data, max_bytes=self.max_bytes, max_pixels=self.max_pixels)
+        except ImageRejected as e:
+            return e
+        if item.source in BLANK_IS_EMPTY and img.convert("L").getextrema()[0] > 250:
+            # A blank canvas is a valid image, but classifying white paper only adds noise to the log.
+            return ImageRejected(EMPTY_CANVAS)
+        return img
+
+    def predict(self, items: Sequence[Input]) -> list[Result]:
+        """One result per item, in order: an Answer, the ImageRejected that says what is wrong, or None (no image)."""
+        start = time.perf_counter()
+        decoded = [self.decode(item) for item in items]
+        routes = self.router.routes()  # one snapshot for the whole batch: a swap never splits it
+        groups: dict[int, tuple] = {}  # id(predictor) -> (predictor, [item index])
+        for i, (item, img) in enumerate(zip(items, decoded, strict=True)):
+            if isinstance(img, Image.Image):
+                model = routes.answering(item.session)
+                groups.setdefault(id(model), (model, []))[1].append(i)
+        answered: dict[int, tuple] = {}  # item index -> (predictor, probability row)
+        for model, idx in groups.values():
+            for i, row in zip(idx, model.predict_probs([decoded[i] for i in idx]), strict=True):
+                answered[i] = (model, row)
+        latency_ms = (time.perf_counter() - start) * 1000
+        out: list[Result] = []
+        for i, (item, img) in enumerate(zip(items, decoded, strict=True)):
+            if i not in answered:
+                out.append(img)  # rejected or empty: nothing logged, nothing stored
+                continue
+            model, row = answered[i]
+            pid = None
+            if item.log:
+                pid = self.log.log_prediction(model=model.info, data=item.data, image=img, probs=row,
+                                              source=item.source, latency_ms=latency_ms,
+                                              claimed_label=item.claimed_label)
+            out.append(Answer(row, model.info, latency_ms, pid, top_k(row, model.info.vocab, self.top_k)))
+        return out
+
+    def predict_one(self, item: Input) -> Result:
+        return self.predict([item])[0]
