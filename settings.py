@@ -74,6 +74,20 @@ class Settings(BaseSettings):
     oauth_client_secret: str | None = Field(default=None, validation_alias=AliasChoices("OAUTH_CLIENT_SECRET"),
                                             description="Set by Spaces with hf_oauth; signs the sign-in session.")
 
+    # --- request bodies and REST admission (issue 6, s4-rest) ----------------
+    body_timeout_s: float = Field(
+        default=10.0, gt=0, description="Longest wait for a request body to start arriving; a slower client gets 408 "
+        "and its connection is closed (every route, Gradio's uploads included)."
+    )
+    body_min_rate: int = Field(
+        default=16_384, ge=1, description="Bytes/s a body must keep up on average: each one received extends the "
+        "wait above by 1/body_min_rate s (10 MB at this rate: about 11 minutes)."
+    )
+    rest_max_reading: int = Field(
+        default=64, ge=1, description="REST predict bodies read at once (before admission); more get 'busy'. "
+        "Each costs up to ~1 MB of memory; the rest of the file spools to disk."
+    )
+
     @property
     def hf_sign_in(self) -> bool:
         """Reviewers sign in with Hugging Face: on a Space, with an allowlist."""

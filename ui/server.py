@@ -16,6 +16,7 @@ from fastapi.responses import RedirectResponse
 
 from model.gate import Gate
 from ui.api import build_api_router
+from ui.body_timeout import BodyTimeoutMiddleware
 from ui.predict_tab import build_predict_app, model_workers
 
 CSS = """
@@ -52,6 +53,7 @@ def hardening(settings) -> dict:
 
 def build_server(settings, predictor, service, *, gate: Gate | None = None) -> FastAPI:
     app = FastAPI(title="Loupe", docs_url="/api/docs", redoc_url=None, openapi_url="/api/openapi.json")
+    app.add_middleware(BodyTimeoutMiddleware, timeout_s=settings.body_timeout_s, min_rate=settings.body_min_rate)
     if gate is None:
         # As many REST predictions run at once as Gradio's model group; queue_max_size more may wait.
         gate = Gate(concurrency=model_workers(settings), max_waiting=settings.queue_max_size)
