@@ -76,8 +76,8 @@ class Settings(BaseSettings):
 
     # --- request bodies, REST admission, bundle signing (issue 6, s4-rest) ----
     body_timeout_s: float = Field(
-        default=10.0, gt=0, description="Longest wait for a request body to start arriving; a slower client gets 408 "
-        "and its connection is closed (every route, Gradio's uploads included)."
+        default=10.0, gt=0, description="Longest wait for a request body to start arriving, or for its next chunk; "
+        "a slower client gets 408 and its connection is closed (every route, Gradio's uploads included)."
     )
     body_min_rate: int = Field(
         default=16_384, ge=1, description="Bytes/s a body must keep up on average: each one received extends the "

@@ -253,6 +253,14 @@ def test_steady_body_longer_than_the_grace_completes_and_a_trickle_does_not():
     assert trickle.status() == 408
 
 
+def test_a_burst_then_silence_is_cut_after_the_grace_not_after_what_it_earned():
+    # 1 MB at once would earn 1000 s at 1000 B/s; a stall after it still ends after 0.2 s.
+    ch = Channel([(0.0, b"x" * 1_000_000), (5.0, b"late")])
+    t0 = time.monotonic()
+    run(ch, read_body_then_answer, timeout_s=0.2)
+    assert ch.status() == 408 and time.monotonic() - t0 < 2
+
+
 def test_only_time_waiting_for_the_client_counts_and_nothing_after_the_body():
     async def slow_app(scope, receive, send):
         await anyio.sleep(0.3)  # the server is busy before it reads: not the client's fault

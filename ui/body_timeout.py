@@ -5,12 +5,14 @@ nothing keeps the handler waiting in ``receive()`` for as long as the socket sta
 meanwhile (an admission slot, a reading allowance, a half-written upload in Gradio's cache) is held by
 that client. This middleware bounds every body read of every route, Gradio's ``/gradio_api/upload`` included.
 
-The budget is mod_reqtimeout's: ``timeout_s`` to start, plus one second per ``min_rate`` bytes received.
-Only the time the server actually spends waiting for the client's bytes counts (not time the app spends
-elsewhere before reading), so a slow server never times out an honest client. An idle client is cut off
-after ``timeout_s``; a trickling one as soon as it falls below ``min_rate`` on average (after the grace);
-an honest upload at or above ``min_rate`` always fits. Once the body is complete nothing is timed: event
-streams wait for ``http.disconnect`` for as long as they like.
+Two limits, as in mod_reqtimeout and nginx: no single wait for the next chunk may exceed ``timeout_s``
+(so a client that sends part of its body and then stalls is cut off ``timeout_s`` later, whatever it sent
+before), and the total wait may not exceed ``timeout_s`` plus one second per ``min_rate`` bytes received
+(so a trickle below ``min_rate`` on average is cut off too). Only the time the server actually spends
+waiting for the client's bytes counts (not time the app spends elsewhere before reading), so a slow server
+never times out an honest client; an upload that keeps up ``min_rate`` without a ``timeout_s`` pause
+always fits. Once the body is complete nothing is timed: event streams wait for ``http.disconnect`` for
+as long as they like.
 """
 
 from __future__ import annotations
@@ -67,7 +69,8 @@ class _TimedBody:
             return await self._receive()
         if self.timed_out:
             raise BodyTimeout("request body timed out")
-        remaining = self.mw.timeout_s + self.received / self.mw.min_rate - self.waited
+        earned = self.mw.timeout_s + self.received / self.mw.min_rate - self.waited
+        remaining = min(self.mw.timeout_s, earned)
         t0 = time.monotonic()
         message = None
         with anyio.move_on_after(max(remaining, 0)):
