@@ -80,8 +80,8 @@ class Settings(BaseSettings):
         "a slower client gets 408 and its connection is closed (every route, Gradio's uploads included)."
     )
     body_min_rate: int = Field(
-        default=16_384, ge=1, description="Bytes/s a body must keep up on average: each one received extends the "
-        "wait above by 1/body_min_rate s (10 MB at this rate: about 11 minutes)."
+        default=16_384, ge=1, description="Bytes/s a body must keep up on average: each byte received adds "
+        "1/body_min_rate s to the total wait allowed beyond body_timeout_s (10 MB at this rate: about 11 minutes)."
     )
     rest_max_reading: int = Field(
         default=64, ge=1, description="REST predict bodies read at once (before admission); more get 'busy'. "
