@@ -47,8 +47,11 @@ def main() -> None:
         # uvicorn logs "Uvicorn running on ..." once it really listens; per-request access lines are noise.
         # Open browser tabs keep event streams open: without a graceful-shutdown timeout a SIGTERM would wait for
         # them forever (and Docker's SIGKILL would then lose the unflushed prediction log).
+        # Request bodies are timed by ui/body_timeout.py; uvicorn has no body timeout. timeout_keep_alive only
+        # closes idle connections *between* requests. No limit_concurrency: it counts silent connections too
+        # (measured: 20 sockets that never send a byte, which uvicorn never times out, turned /healthz into 503).
         uvicorn.run(app, host=settings.host, port=settings.port, log_level="info", access_log=False,
-                    timeout_graceful_shutdown=5)
+                    timeout_graceful_shutdown=5, timeout_keep_alive=5)
     except KeyboardInterrupt:
         pass  # uvicorn re-raises Ctrl-C after its graceful shutdown; nothing left to report
     finally:

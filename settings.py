@@ -8,7 +8,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import AliasChoices, Field
+from pydantic import AliasChoices, Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -73,6 +73,24 @@ class Settings(BaseSettings):
                                  description="Set by Hugging Face Spaces; enables HF sign-in for reviewers.")
     oauth_client_secret: str | None = Field(default=None, validation_alias=AliasChoices("OAUTH_CLIENT_SECRET"),
                                             description="Set by Spaces with hf_oauth; signs the sign-in session.")
+
+    # --- request bodies, REST admission, bundle signing (issue 6, s4-rest) ----
+    body_timeout_s: float = Field(
+        default=10.0, gt=0, description="Longest wait for a request body to start arriving, or for its next chunk; "
+        "a slower client gets 408 and its connection is closed (every route, Gradio's uploads included)."
+    )
+    body_min_rate: int = Field(
+        default=16_384, ge=1, description="Bytes/s a body must keep up on average: each byte received adds "
+        "1/body_min_rate s to the total wait allowed beyond body_timeout_s (10 MB at this rate: about 11 minutes)."
+    )
+    rest_max_reading: int = Field(
+        default=64, ge=1, description="REST predict bodies read at once (before admission); more get 'busy'. "
+        "Each costs up to ~1 MB of memory; the rest of the file spools to disk."
+    )
+    bundle_key: SecretStr | None = Field(
+        default=None, description="Secret that signs the cached serving bundle (with the export's bytes). Set it "
+        "when others can write the data dir and read the model file; changing it rebuilds the bundle once."
+    )
 
     @property
     def hf_sign_in(self) -> bool:

@@ -3,6 +3,21 @@
 Layout: ``<cache_dir>/<export sha256>/{model.onnx, bundle.json}``. ``bundle.json`` holds the
 preprocessing spec, the vocab, the ONNX file's own sha256 (checked on every load) and the verification
 result. A bundle is only written after its answers matched ``learn.predict`` on probe images.
+
+Signed bundles. What is trusted: the export, once its sha256 is pinned, and the operator's environment.
+What is not: the cache dir. The app writes it, so anyone else who can (a shared volume, a restored backup,
+another container, a disk that corrupts) could swap the vocab or the preprocessing spec and make the app
+serve wrong labels, or swap model.onnx and fix up the hash next to it. So ``bundle.json`` carries an
+HMAC-SHA256 over its canonical bytes (vocab, spec, export sha256 and model.onnx's sha256, hence the graph
+too), and a bundle whose signature does not verify is rebuilt from the export, never served.
+
+The key is ``HMAC(LOUPE_BUNDLE_KEY, export bytes)`` (``bundle_key``): derived from the two trusted things,
+stored nowhere. Without ``LOUPE_BUNDLE_KEY`` a forger must be able to read the model file as well as write
+the cache (a model baked into an image, a cache on a shared volume: still safe); with it, only the
+operator's environment can sign. Corruption and hand edits are caught either way. Rejected: a digest
+stored beside the bundle (rewritten along with it); a random key in the data dir (same trust as the cache,
+and every copy of a cache would be rebuilt); re-checking against ``learn.predict`` at every start (imports
+torch and fastai and unpickles: the ~10 s the cache exists to save).
 """
 
 from __future__ import annotations
@@ -10,6 +25,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import hashlib
+import hmac
 import io
 import json
 import logging
@@ -25,7 +41,7 @@ from PIL import Image
 from model.preprocess import PreprocessSpec
 
 log = logging.getLogger(__name__)
-BUNDLE_FORMAT = 2  # 2: weights embedded in model.onnx (1 kept them in an unhashed model.onnx.data)
+BUNDLE_FORMAT = 3  # 3: bundle.json signed; 2: weights inside model.onnx (1: in an unhashed .data file)
 TOLERANCE = 1e-4  # max |p_served - p_learn.predict| accepted, per class
 
 
@@ -49,15 +65,37 @@ def sha256_file(path: Path) -> str:
     return h.hexdigest()
 
 
-def load_bundle(cache_dir: Path, export_sha256: str) -> Bundle | None:
-    """The cached bundle for this export, or None if absent or damaged (then it is rebuilt)."""
+def bundle_key(export_bytes: bytes, secret: str | None = None) -> bytes:
+    """The key that signs this export's bundle (module docstring): nothing an attacker can find in the cache."""
+    mac = hmac.new((secret or "").encode(), b"loupe serving bundle\0", hashlib.sha256)
+    mac.update(export_bytes)
+    return mac.digest()
+
+
+def signature(meta: dict, key: bytes) -> str:
+    """HMAC over bundle.json's canonical form (sorted keys, no whitespace), its own signature left out."""
+    body = {k: v for k, v in meta.items() if k != "signature"}
+    canonical = json.dumps(body, sort_keys=True, separators=(",", ":"), ensure_ascii=True, allow_nan=False)
+    return hmac.new(key, canonical.encode(), hashlib.sha256).hexdigest()
+
+
+def load_bundle(cache_dir: Path, export_sha256: str, key: bytes) -> Bundle | None:
+    """The cached bundle for this export, or None if absent, outdated, unsigned or damaged (then it is rebuilt)."""
     d = cache_dir / export_sha256
     meta_path, onnx_path = d / "bundle.json", d / "model.onnx"
     if not (meta_path.is_file() and onnx_path.is_file()):
         return None
     try:
         meta = json.loads(meta_path.read_text())
-        if meta.get("format") != BUNDLE_FORMAT or meta.get("export_sha256") != export_sha256:
+        if meta.get("format") != BUNDLE_FORMAT:
+            log.info("cached bundle %s has format %s (now %d); rebuilding", d, meta.get("format"), BUNDLE_FORMAT)
+            return None
+        if not hmac.compare_digest(str(meta.get("signature")), signature(meta, key)):
+            log.warning("cached bundle %s fails its signature check (edited, corrupted, or signed with another "
+                        "LOUPE_BUNDLE_KEY); rebuilding it from the export", d)
+            return None
+        if meta["export_sha256"] != export_sha256:  # signed, but for another export (a renamed directory)
+            log.warning("cached bundle %s belongs to export %s; rebuilding", d, meta["export_sha256"])
             return None
         if sha256_file(onnx_path) != meta["onnx_sha256"]:
             log.warning("cached bundle %s is damaged (ONNX hash mismatch); rebuilding", d)
@@ -115,8 +153,9 @@ def _export_onnx(learn, spec: PreprocessSpec, path: Path) -> None:
                 lg.setLevel(level)
 
 
-def build_bundle(learn, export_sha256: str, cache_dir: Path, vocab: list[str], threads: int = 1) -> Bundle:
-    """Convert, verify against learn.predict, then publish atomically into the cache. Raises BundleError."""
+def build_bundle(learn, export_sha256: str, cache_dir: Path, vocab: list[str], key: bytes,
+                 threads: int = 1) -> Bundle:
+    """Convert, verify against learn.predict, sign, then publish atomically into the cache. Raises BundleError."""
     from model.predictor import ModelInfo, OnnxPredictor
     from model.spec import Unsupported, extract_spec
 
@@ -145,6 +184,7 @@ def build_bundle(learn, export_sha256: str, cache_dir: Path, vocab: list[str], t
             "format": BUNDLE_FORMAT, "export_sha256": export_sha256, "onnx_sha256": sha256_file(onnx_path),
             "spec": json.loads(spec.to_json()), "vocab": list(vocab), "max_error": err,
         }
+        meta["signature"] = signature(meta, key)
         (tmp / "bundle.json").write_text(json.dumps(meta, indent=1))
         final = cache_dir / export_sha256
         if final.exists():

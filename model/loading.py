@@ -14,7 +14,7 @@ import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
-from model.bundle import BundleError, build_bundle, load_bundle
+from model.bundle import BundleError, build_bundle, bundle_key, load_bundle
 from model.predictor import ModelInfo, OnnxPredictor, TorchPredictor
 
 log = logging.getLogger(__name__)
@@ -103,8 +103,10 @@ def load_predictor(settings):
     src = model_source(settings)
     data, digest = read_pinned(src)
     threads = settings.intra_op_threads
+    # Signs and checks the cached bundle (model/bundle.py): from the pinned bytes and the operator's secret.
+    key = bundle_key(data, settings.bundle_key.get_secret_value() if settings.bundle_key else None)
     if settings.backend != "torch":
-        bundle = load_bundle(settings.cache_dir, digest)
+        bundle = load_bundle(settings.cache_dir, digest, key)
         if bundle is not None:
             info = ModelInfo(src.name, digest, bundle.vocab, "onnx")
             return OnnxPredictor(bundle.onnx_path, bundle.spec, info, threads)
@@ -118,7 +120,7 @@ def load_predictor(settings):
     reason = "LOUPE_BACKEND=torch"
     if settings.backend != "torch":
         try:
-            bundle = build_bundle(learn, digest, settings.cache_dir, vocab, threads)
+            bundle = build_bundle(learn, digest, settings.cache_dir, vocab, key, threads)
             return OnnxPredictor(bundle.onnx_path, bundle.spec, ModelInfo(src.name, digest, tuple(vocab), "onnx"),
                                  threads)
         except BundleError as e:

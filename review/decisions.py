@@ -9,6 +9,14 @@ Rules:
   UNIQUE, so racing undo clicks cannot reverse one decision twice), reopens the item and hands it back to them.
 * ``previous_label`` is the label before the decision: the last reviewer label, else the label a user or the
   dataset claimed, else the model's prediction.
+* Leases are enforced here, not trusted from the caller (the Review UI round-trips the item id through the
+  browser, where it can be edited): while another reviewer's lease on an item is live, nobody else may decide
+  or skip it (ReviewError, nothing recorded). Items without a claim, or whose lease has run out, may be decided
+  by any reviewer: a lapsed lease protects no one, since ``claim_next`` would hand the item to anyone. So a
+  reviewer whose lease expired while the item sat on their screen can still decide it, unless someone else
+  has claimed it since. Replays of a recorded decision are answered before this check (a double press after the
+  claim was released still gets its first answer). Second opinions: the first decision releases the claim and
+  the second reviewer claims the item. ``undo`` hands an item back only when no one else holds a live claim.
 """
 
 from __future__ import annotations
@@ -101,6 +109,13 @@ def _check_label(session: Session, entry: QueueEntry, action: str, label: str | 
     return None
 
 
+def _check_lease(entry: QueueEntry, reviewer: str, now: datetime) -> None:
+    held_by_other = entry.claimed_by not in (None, reviewer)
+    if held_by_other and entry.lease_until is not None and entry.lease_until > now:
+        raise ReviewError("Another reviewer is reviewing this item right now, so nothing was recorded. "
+                          "Press Refresh for your own next item.")
+
+
 def _mark(session: Session, item_id: int, reviewer: str, action: str) -> None:
     mark = session.get(ReviewerMark, (item_id, reviewer))
     if mark is None:
@@ -119,6 +134,7 @@ def decide(session: Session, *, reviewer: str, item_id: int, action: str, label:
     replay = _replay(session, key, reviewer, item_id, action)
     if replay is not None:
         return replay
+    _check_lease(entry, reviewer, now)
     if entry.status == "purged":
         raise ReviewError("this item's image was purged (retention period); there is nothing left to review")
     label = _check_label(session, entry, action, label)

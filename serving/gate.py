@@ -2,8 +2,12 @@
 
 A few requests run, a few more wait, the rest are told at once that the server is busy:
 an overloaded server should answer "try again" in milliseconds, not make everyone wait.
-Admission is a separate, non-blocking step so a caller can refuse a request *before* reading
-its body or handing it to a worker thread; running waits for a free slot.
+Admission is a separate, non-blocking step so a caller can refuse a request *before* handing it to
+a worker thread; running waits for a free slot.
+
+Admission is taken only once a request's body is in (ui/api.py): a client that sends headers and then
+nothing must not hold a run/wait slot. Reading bodies has its own ``Allowance``, whose holders the body
+timeout (ui/body_timeout.py) evicts, so idle clients can at worst hold reading slots, and only briefly.
 """
 
 from __future__ import annotations
@@ -12,9 +16,29 @@ import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 
+BUSY = "The server is busy right now; please try again in a few seconds."
+
 
 class Busy(RuntimeError):
     """Too many requests in flight; the message is safe to show."""
+
+
+class Allowance:
+    """At most ``limit`` holders at once; one more is refused at once (never waits)."""
+
+    def __init__(self, limit: int):
+        if limit < 1:
+            raise ValueError("limit must be >= 1")
+        self._slots = threading.BoundedSemaphore(limit)
+
+    @contextmanager
+    def held(self) -> Iterator[None]:
+        if not self._slots.acquire(blocking=False):
+            raise Busy(BUSY)
+        try:
+            yield
+        finally:
+            self._slots.release()
 
 
 class Gate:
@@ -22,17 +46,11 @@ class Gate:
         if concurrency < 1 or max_waiting < 0:
             raise ValueError("concurrency must be >= 1 and max_waiting >= 0")
         self._running = threading.BoundedSemaphore(concurrency)
-        self._admitted = threading.BoundedSemaphore(concurrency + max_waiting)
+        self._admitted = Allowance(concurrency + max_waiting)
 
-    @contextmanager
-    def admitted(self) -> Iterator[None]:
+    def admitted(self):
         """Never blocks: raises Busy at once when running + waiting requests are at the bound."""
-        if not self._admitted.acquire(blocking=False):
-            raise Busy("The server is busy right now; please try again in a few seconds.")
-        try:
-            yield
-        finally:
-            self._admitted.release()
+        return self._admitted.held()
 
     @contextmanager
     def running(self) -> Iterator[None]:

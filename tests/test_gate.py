@@ -7,7 +7,7 @@ import time
 
 import pytest
 
-from serving.gate import Busy, Gate
+from serving.gate import Allowance, Busy, Gate
 
 
 def test_gate_admits_running_plus_waiting_then_refuses_at_once():
@@ -59,3 +59,20 @@ def test_running_waits_for_a_free_slot():
 def test_gate_rejects_nonsense_bounds():
     with pytest.raises(ValueError):
         Gate(concurrency=0, max_waiting=1)
+
+
+def test_allowance_refuses_at_once_when_full_and_frees_on_error():
+    reading = Allowance(2)
+    with reading.held(), reading.held():
+        t0 = time.perf_counter()
+        with pytest.raises(Busy, match="try again"):
+            with reading.held():
+                pass
+        assert time.perf_counter() - t0 < 0.05
+    with pytest.raises(TimeoutError):  # e.g. a body read that timed out: the slot must come back
+        with reading.held():
+            raise TimeoutError
+    with reading.held(), reading.held():
+        pass
+    with pytest.raises(ValueError):
+        Allowance(0)

@@ -125,3 +125,65 @@ def test_second_opinion(services, sqlite_url):
     assert late.status == "conflict" and {c.reviewer for c in late.conflicts} == {"alice", "bob"}
     so = svc.desk.counts()["second_opinion"]
     assert so == {"pairs": 2, "agreed": 1, "agreement": 0.5, "awaiting_second": 0}
+
+
+# --- leases are checked by the data layer: a forged item id cannot decide someone else's item ---------------
+
+
+def test_only_the_lease_holder_decides_a_claimed_item(services, db_url):
+    svc = services(db_url)
+    queued(svc, 2)
+    a = svc.desk.next_item("alice")
+    for action, label in [("confirm", None), ("relabel", "blue"), ("skip", None)]:
+        with pytest.raises(ReviewError, match="Another reviewer is reviewing this item"):
+            svc.desk.decide("bob", a.item_id, action=action, label=label, idempotency_key=f"forged-{action}")
+    assert n_decisions(svc) == 0
+    b = svc.desk.next_item("bob")
+    assert b.item_id != a.item_id  # bob's refusals did not disturb alice's claim
+    assert svc.desk.decide("alice", a.item_id, action="confirm", label=None, idempotency_key="a").ok
+    assert svc.desk.decide("bob", b.item_id, action="relabel", label="blue", idempotency_key="b").ok
+
+
+def test_a_lapsed_lease_protects_no_one(services, db_url):
+    clock = rf.FakeClock()
+    svc = services(db_url, clock=clock, claim_lease_s=60)
+    queued(svc, 2)
+    a = svc.desk.next_item("alice")
+    clock.advance(seconds=61)
+    # Alice's lease ran out while the item sat on her screen; nobody took it since: she may still decide it.
+    assert svc.desk.decide("alice", a.item_id, action="confirm", label=None, idempotency_key="a").ok
+    b = svc.desk.next_item("alice")
+    clock.advance(seconds=61)
+    assert svc.desk.next_item("bob").item_id == b.item_id  # the lapsed item is offered again, and bob claims it
+    with pytest.raises(ReviewError, match="Another reviewer"):
+        svc.desk.decide("alice", b.item_id, action="confirm", label=None, idempotency_key="late")
+    assert svc.desk.decide("bob", b.item_id, action="confirm", label=None, idempotency_key="b").ok
+
+
+def test_second_opinion_replay_and_undo_under_leases(services, db_url):
+    svc = services(db_url, second_opinion_rate=1.0)
+    queued(svc, 1)
+    item = svc.desk.next_item("alice")
+    first = svc.desk.decide("alice", item.item_id, action="confirm", label=None, idempotency_key="a")
+    assert first.ok  # one of two decisions: the item stays open, alice's claim is released
+    assert svc.desk.next_item("bob").item_id == item.item_id
+    # A double press that arrives after bob claimed the item gets its first answer back, not a refusal.
+    assert svc.desk.decide("alice", item.item_id, action="confirm", label=None, idempotency_key="a") == first
+    with pytest.raises(ReviewError, match="Another reviewer"):
+        svc.desk.decide("carol", item.item_id, action="relabel", label="blue", idempotency_key="c")
+    # Alice undoes while bob holds the item: her decision is reversed, the item stays with bob.
+    assert svc.desk.undo("alice", idempotency_key="u").ok
+    with pytest.raises(ReviewError, match="Another reviewer"):
+        svc.desk.decide("alice", item.item_id, action="confirm", label=None, idempotency_key="a2")
+    assert svc.desk.decide("bob", item.item_id, action="confirm", label=None, idempotency_key="b").ok
+
+
+def test_undo_hands_the_item_back_to_its_reviewer_only(services, db_url):
+    svc = services(db_url)
+    queued(svc, 2)
+    item = svc.desk.next_item("alice")
+    svc.desk.decide("alice", item.item_id, action="relabel", label="blue", idempotency_key="a")
+    assert svc.desk.undo("alice", idempotency_key="u").ok
+    with pytest.raises(ReviewError, match="Another reviewer"):
+        svc.desk.decide("bob", item.item_id, action="confirm", label=None, idempotency_key="forged")
+    assert svc.desk.decide("alice", item.item_id, action="confirm", label=None, idempotency_key="a2").ok

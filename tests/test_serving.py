@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import pickle
 import subprocess
 import sys
@@ -198,3 +199,87 @@ def test_app_exits_with_the_message_not_a_traceback(tmp_path):
     res = subprocess.run([sys.executable, "app.py"], cwd=ROOT, capture_output=True, text=True, timeout=120, env=env)
     assert res.returncode == 2
     assert "missing.pkl" in res.stderr and "Traceback" not in res.stderr
+
+
+# --- signed bundles: a tampered or corrupted cache is rebuilt from the export, never served ----------------
+
+
+def _edit_onnx_weights(onnx_file: Path) -> None:
+    """What an attacker would do: change the graph (the last initializer, e.g. the head's bias) and write
+    a valid ONNX file in its place."""
+    import onnx
+    from onnx import numpy_helper
+
+    model = onnx.load(str(onnx_file))
+    last = model.graph.initializer[-1]
+    values = numpy_helper.to_array(last).copy()
+    values.flat[0] += 10.0
+    last.CopyFrom(numpy_helper.from_array(values, last.name))
+    onnx.save(model, str(onnx_file))
+
+
+def _tamper(case: str, bundle_dir: Path, export: Path) -> None:
+    from model.bundle import bundle_key, sha256_file, signature
+
+    meta_path = bundle_dir / "bundle.json"
+    meta = json.loads(meta_path.read_text())
+    if case == "vocab":  # labels swapped: the ONNX hash still matches
+        meta["vocab"] = [meta["vocab"][1], meta["vocab"][0], *meta["vocab"][2:]]
+    elif case == "spec":  # other preprocessing, same graph
+        meta["spec"]["method"] = "pad" if meta["spec"]["method"] != "pad" else "crop"
+    elif case == "onnx":  # another graph, with bundle.json's hash fixed up to match it
+        _edit_onnx_weights(bundle_dir / "model.onnx")
+        meta["onnx_sha256"] = sha256_file(bundle_dir / "model.onnx")
+    elif case == "resigned":  # a forger who knows the format but cannot read the export: signs with what it has
+        meta["vocab"] = list(reversed(meta["vocab"]))
+        meta["signature"] = signature(meta, bundle_key(b"", None))
+    elif case == "corrupt":  # one number changed in bundle.json, still valid JSON
+        meta["max_error"] = meta["max_error"] * 2
+    meta_path.write_text(json.dumps(meta, indent=1))
+
+
+@pytest.mark.parametrize("case", ["vocab", "spec", "onnx", "resigned", "corrupt"])
+def test_tampered_bundle_is_rejected(case, exported, tmp_path, caplog):
+    from model.bundle import bundle_key, load_bundle
+
+    path, sha = exported("squish224")
+    settings = _settings(tmp_path, path, sha)
+    load_predictor(settings)
+    key = bundle_key(path.read_bytes())
+    assert load_bundle(settings.cache_dir, sha, key) is not None  # the untouched bundle verifies
+    _tamper(case, settings.cache_dir / sha, path)
+    with caplog.at_level("WARNING", logger="model.bundle"):
+        assert load_bundle(settings.cache_dir, sha, key) is None
+    assert f"cached bundle {settings.cache_dir / sha} fails its signature check" in caplog.text
+
+
+def test_edited_vocab_is_rebuilt_never_served(exported, tmp_path, caplog):
+    path, sha = exported("squish224")
+    settings = _settings(tmp_path, path, sha)
+    first = load_predictor(settings)
+    images = golden_images()[:3]
+    expected = first.predict_probs(images)
+    _tamper("vocab", settings.cache_dir / sha, path)
+    with caplog.at_level("WARNING", logger="model.bundle"):
+        again = load_predictor(settings)
+    assert "fails its signature check" in caplog.text and "rebuilding" in caplog.text
+    assert again.info.backend == "onnx" and again.info.vocab == first.info.vocab
+    assert np.abs(again.predict_probs(images) - expected).max() <= 1e-6
+    meta = json.loads((settings.cache_dir / sha / "bundle.json").read_text())
+    assert meta["vocab"] == list(first.info.vocab)  # rebuilt on disk, not just skipped
+
+
+def test_bundle_key_setting_signs_the_bundle(exported, tmp_path, caplog):
+    from model.bundle import bundle_key, load_bundle
+
+    path, sha = exported("squish224")
+    settings = _settings(tmp_path, path, sha, bundle_key="operator secret")
+    assert "operator secret" not in repr(settings)
+    load_predictor(settings)
+    export = path.read_bytes()
+    assert load_bundle(settings.cache_dir, sha, bundle_key(export, "operator secret")) is not None
+    # Someone with the export but without the operator's secret cannot make a bundle this app accepts.
+    with caplog.at_level("WARNING", logger="model.bundle"):
+        assert load_bundle(settings.cache_dir, sha, bundle_key(export, None)) is None
+        assert load_bundle(settings.cache_dir, sha, bundle_key(export, "another secret")) is None
+    assert caplog.text.count("fails its signature check") == 2

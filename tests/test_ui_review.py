@@ -215,15 +215,42 @@ def test_double_submit_records_one_decision(handlers, service):
     assert [d.action for d in decisions(service)] == ["confirm", "undo"]
 
 
-def test_conflict_is_shown_not_overwritten(handlers, service):
+def test_conflict_is_shown_not_overwritten(settings):
+    from tests.review_fixtures import FakeClock
+
+    clock = FakeClock()
+    service = build_kit(settings, INFO, clock=clock)
+    log_items(service, [(0.5, 0.3, 0.2), (0.3, 0.45, 0.25)])
+    handlers = ReviewHandlers(settings, service.desk, counts_ttl_s=0)
+    try:
+        alice = show(handlers, "alice")
+        # alice's lease runs out while the item sits on her screen; bob is given it and decides it
+        clock.advance(seconds=settings.claim_lease_s + 1)
+        bob = show(handlers, "bob")
+        assert item_id(bob) == item_id(alice)
+        decide(handlers, bob, "relabel", "bird", user="bob")
+        screen = decide(handlers, alice, "confirm", user="alice")
+        assert "Conflict" in screen.status and "bob" in screen.status
+        rows = decisions(service, item_id=item_id(alice))
+        assert [(d.reviewer, d.action, d.label) for d in rows] == [("bob", "relabel", "bird")]
+        assert item(service, item_id(alice)).label == "bird"
+    finally:
+        service.store.close()
+
+
+def test_a_forged_token_cannot_decide_another_reviewers_item(handlers, service):
     alice = show(handlers, "alice")
-    # bob decides the item alice is looking at (e.g. her lease expired and he got it), on his own screen
-    handlers.decide("relabel", "bird", f"{item_id(alice)}:bobs-key", None, "", "", "", req("bob"))
-    screen = decide(handlers, alice, "confirm", user="alice")
-    assert "Conflict" in screen.status and "bob" in screen.status
-    rows = decisions(service, item_id=item_id(alice))
-    assert [(d.reviewer, d.action, d.label) for d in rows] == [("bob", "relabel", "bird")]
-    assert item(service, item_id(alice)).label == "bird"
+    bob = show(handlers, "bob")
+    assert item_id(bob) != item_id(alice)
+    # bob edits the hidden token to name the item alice holds (his own key, so it is no replay)
+    forged = f"{item_id(alice)}:{bob.state['key']}"
+    for action, label in [("relabel", "bird"), ("confirm", None), ("skip", None)]:
+        with pytest.raises(gr.Error, match="Another reviewer is reviewing this item"):
+            handlers.decide(action, label, forged, bob.state, "", "", "", req("bob"))
+    assert decisions(service) == []
+    assert item(service, item_id(alice)).claimed_by == "alice"  # still hers, and she decides it as usual
+    assert decide(handlers, alice, "confirm").status.startswith("✓")
+    assert [(d.reviewer, d.action) for d in decisions(service)] == [("alice", "confirm")]
 
 
 def test_filters(handlers, service):

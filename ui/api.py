@@ -3,6 +3,10 @@
 A FastAPI route costs ~5 ms of HTTP overhead against ~28 ms for Gradio's protocol (baselines.md), so
 programmatic clients get this. It bypasses Gradio's queue, hence the ``Gate``: a few requests run, a
 few wait, the rest get 503 + Retry-After at once.
+
+A request takes a run/wait slot only once its whole body is in. Bodies are read under a separate, larger
+``Allowance`` (503 when full), and ui/body_timeout.py ends any read the client stalls; so clients that send
+headers and then nothing hold a reading slot for at most ``body_timeout_s`` and never a model slot.
 """
 
 from __future__ import annotations
@@ -12,9 +16,9 @@ import time
 from fastapi import APIRouter, HTTPException, Request
 from fastapi.responses import JSONResponse
 from starlette.concurrency import run_in_threadpool
-from starlette.datastructures import UploadFile
+from starlette.datastructures import FormData, UploadFile
 
-from serving.gate import Busy, Gate
+from serving.gate import Allowance, Busy, Gate
 from serving.imageio import ImageRejected
 from serving.pipeline import Input, Pipeline
 
@@ -37,6 +41,7 @@ class ApiHandlers:
         self.settings = settings
         self.pipeline = pipeline
         self.gate = gate
+        self.reading = Allowance(settings.rest_max_reading)
         self.max_bytes = settings.max_upload_bytes
 
     @staticmethod
@@ -47,10 +52,12 @@ class ApiHandlers:
         got = f" ({_mb(size)})" if size else ""
         return error(413, f"This file is too large{got}; the limit is {_mb(self.max_bytes)}.")
 
-    def predict_bytes(self, data: bytes, start: float, session: str | None = None) -> JSONResponse:
-        """Runs in a worker thread, already admitted: the prediction path in a run slot (decoding is CPU too)."""
+    def predict_upload(self, upload: UploadFile, start: float, session: str | None = None) -> JSONResponse:
+        """Runs in a worker thread, already admitted. Reading the spooled file, decoding and predicting all
+        happen in a run slot, so waiting requests hold at most their (mostly on-disk) spool, not pixels."""
         with self.gate.running():
-            answer = self.pipeline.predict_one(Input(data, "api", session))
+            upload.file.seek(0)
+            answer = self.pipeline.predict_one(Input(upload.file.read(self.max_bytes + 1), "api", session))
         if isinstance(answer, ImageRejected):
             return error(422, answer.args[0])
         latency_ms = (time.perf_counter() - start) * 1000
@@ -65,18 +72,29 @@ class ApiHandlers:
             "prediction_id": answer.prediction_id,
         })
 
+    async def read_form(self, request: Request) -> FormData:
+        """The whole body, parsed (files over 1 MB spool to disk), under a reading slot. A stalled client is
+        cut off by the body timeout middleware, which releases the slot as the BodyTimeout unwinds."""
+        with self.reading.held():
+            return await request.form(max_files=1, max_fields=8)
+
     async def read_and_predict(self, request: Request, start: float) -> JSONResponse:
         try:
-            async with request.form(max_files=1, max_fields=8) as form:
-                upload = form.get("file")
-                if not isinstance(upload, UploadFile):
-                    return error(422, "Send the image as multipart/form-data in a field named 'file'.")
-                data = await upload.read(self.max_bytes + 1)
+            form = await self.read_form(request)
         except HTTPException as e:  # Starlette's malformed-multipart error, in our JSON shape
             return error(e.status_code, f"Malformed upload: {e.detail}")
-        if len(data) > self.max_bytes:
-            return self.too_large()
-        return await run_in_threadpool(self.predict_bytes, data, start)
+        try:
+            upload = form.get("file")
+            if not isinstance(upload, UploadFile):
+                return error(422, "Send the image as multipart/form-data in a field named 'file'.")
+            if upload.size is not None and upload.size > self.max_bytes:
+                return self.too_large()
+            # Every byte is in: only now does the request compete for the model. Admission stays on the
+            # event loop, before a worker thread is taken: under overload the refusal costs next to nothing.
+            with self.gate.admitted():
+                return await run_in_threadpool(self.predict_upload, upload, start)
+        finally:
+            await form.close()
 
 
 def build_api_router(settings, pipeline: Pipeline, gate: Gate) -> APIRouter:
@@ -110,10 +128,7 @@ def build_api_router(settings, pipeline: Pipeline, gate: Gate) -> APIRouter:
         if not request.headers.get("content-type", "").startswith("multipart/form-data"):
             return error(415, "Send the image as multipart/form-data in a field named 'file'.")
         try:
-            # Admission on the event loop, before the body is read or a worker thread is taken: under
-            # overload the refusal must cost next to nothing.
-            with api.gate.admitted():
-                return await api.read_and_predict(request, start)
+            return await api.read_and_predict(request, start)
         except Busy as e:
             return error(503, str(e), headers={"Retry-After": str(RETRY_AFTER_S)})
 

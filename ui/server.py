@@ -16,6 +16,7 @@ from fastapi.responses import RedirectResponse
 
 from serving.gate import Gate
 from ui.api import build_api_router
+from ui.body_timeout import BodyTimeoutMiddleware
 from ui.predict_tab import build_predict_app, model_workers
 
 CSS = """
@@ -54,6 +55,7 @@ def build_server(settings, *, pipeline, store, desk, gate: Gate | None = None) -
     """The whole HTTP surface. ``pipeline`` answers predictions (its router says which model); ``store`` takes
     feedback; ``desk`` serves reviewers."""
     app = FastAPI(title="Loupe", docs_url="/api/docs", redoc_url=None, openapi_url="/api/openapi.json")
+    app.add_middleware(BodyTimeoutMiddleware, timeout_s=settings.body_timeout_s, min_rate=settings.body_min_rate)
     if gate is None:
         # As many REST predictions run at once as Gradio's model group; queue_max_size more may wait.
         gate = Gate(concurrency=model_workers(settings), max_waiting=settings.queue_max_size)
