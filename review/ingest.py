@@ -176,7 +176,9 @@ def apply_feedback(session: Session, records: list[FeedbackRecord], th: Threshol
         probs = np.asarray([pred.probs])
         idx = vocab.index(claimed) if claimed in vocab else -1
         loss = scoring.loss([idx], probs)
-        pred.feedback_correct, pred.claimed_label = fb.correct, claimed
+        # A bare "the right answer is X" (an API client that sent only the label) says whether it was right too.
+        correct = fb.correct if fb.correct is not None or claimed is None else claimed == pred.predicted
+        pred.feedback_correct, pred.claimed_label = correct, claimed
         pred.loss = None if math.isnan(loss[0]) else float(loss[0])
         flagged = fb.correct is False and claimed is None
         mask = scoring.review_reasons([pred.confidence], [pred.margin], loss, [False], flagged=[flagged],

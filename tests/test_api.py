@@ -139,6 +139,22 @@ def test_healthz_and_model(api, demo_predictor):
     assert model["classes"] == list(demo_predictor.info.vocab) and model["sha256"] == demo_predictor.info.sha256
 
 
+def test_feedback_over_rest_reaches_the_prediction(api):
+    client, service, _ = api
+    answer = post(client, "3.png", examples()["3"].read_bytes(), "image/png").json()
+    pid = answer["prediction_id"]
+    assert "/api/v1/feedback" in client.get("/api/openapi.json").json()["paths"]
+    assert client.post("/api/v1/feedback", json={"prediction_id": pid, "label": "8"}).json() == {"status": "recorded"}
+    (row,) = predictions(service, id=pid)
+    assert row.claimed_label == "8" and row.feedback_correct is False and row.loss > 1  # a confident "3"
+    bad = client.post("/api/v1/feedback", json={"prediction_id": pid, "label": "banana"})
+    assert bad.status_code == 422 and "not one of the model's classes" in bad.json()["error"]
+    unknown = client.post("/api/v1/feedback", json={"prediction_id": "0" * 32, "correct": True})
+    assert unknown.status_code == 404 and "unknown prediction" in unknown.json()["error"]
+    assert client.post("/api/v1/feedback", json={"prediction_id": pid}).status_code == 422  # nothing said
+    assert client.post("/api/v1/feedback", json={"label": "8"}).status_code == 422  # no id
+
+
 @pytest.mark.parametrize("digit", [str(d) for d in range(10)])
 def test_predict_demo_example(api, demo_predictor, digit):
     client, service, _ = api
@@ -356,8 +372,24 @@ def test_gradio_client_and_rest_against_real_server(app_process, tmp_path):
     from gradio_client import Client, handle_file
 
     client = Client(app_process.url, verbose=False)
-    label, info = client.predict(handle_file(str(examples()["7"])), api_name="/predict")
+    label, info, details = client.predict(handle_file(str(examples()["7"])), api_name="/predict")
     assert label["label"] == "7" and "ms" in info and "@" in info
+    assert details["label"] == "7" and details["model"] in info and len(details["prediction_id"]) == 32
+    # feedback on that answer, through gradio_client too: it reaches the database
+    assert client.predict(details["prediction_id"], False, "1", api_name="/feedback") == "recorded"
+    with pytest.raises(Exception, match="not one of the model's classes"):
+        client.predict(details["prediction_id"], None, "banana", api_name="/feedback")
+    from sqlalchemy import create_engine
+
+    from tests.browser_support import wait_for
+
+    engine = create_engine(f"sqlite:///{app_process.data_dir / 'loupe.db'}")
+    row = wait_for(lambda: engine.connect().execute(select(Prediction.claimed_label, Prediction.feedback_correct)
+                                                    .where(Prediction.id == details["prediction_id"],
+                                                           Prediction.claimed_label.is_not(None))).first(),
+                   timeout=30, what="the feedback row")
+    engine.dispose()
+    assert tuple(row) == ("1", False)
     bad = tmp_path / "notes.jpg"
     bad.write_bytes(b"just some text, renamed\n" * 3)
     with pytest.raises(Exception, match="text file, not an image"):
@@ -376,7 +408,7 @@ def test_gradio_client_and_rest_against_real_server(app_process, tmp_path):
         for route in (f"/gradio_api/file={path}", f"/file={path}"):
             assert httpx.get(app_process.url + route).status_code in (403, 404), route
     # Hardening: only /predict is advertised, no monitoring dashboard, the review app needs a login.
-    assert list(httpx.get(app_process.url + "/gradio_api/info").json()["named_endpoints"]) == ["/predict"]
+    assert list(httpx.get(app_process.url + "/gradio_api/info").json()["named_endpoints"]) == ["/predict", "/feedback"]
     assert httpx.get(app_process.url + "/monitoring").status_code in (403, 404)
     assert httpx.get(app_process.url + "/review/config").status_code == 401
 

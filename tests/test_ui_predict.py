@@ -55,7 +55,7 @@ def test_bad_inputs_raise_gr_error_with_the_message_and_store_nothing(ui, tmp_pa
             h.predict_batch([as_upload(tmp_path, bad.name, bad.data)], "upload")
         assert bad.message in err.value.message, (bad.name, err.value.message)
     assert stored(service) == before
-    labels, _, _ = h.predict_batch([as_upload(tmp_path, "ok.png", examples()["2"].read_bytes())], "upload")
+    labels, _, _, _ = h.predict_batch([as_upload(tmp_path, "ok.png", examples()["2"].read_bytes())], "upload")
     assert labels[0] is not None
     assert stored(service)[1] == before[1] + 1  # a stored image would have shown up
 
@@ -64,7 +64,7 @@ def test_bad_inputs_raise_gr_error_with_the_message_and_store_nothing(ui, tmp_pa
 def test_good_upload_gives_top_k_and_version_and_is_logged(ui, tmp_path, demo_predictor, digit):
     h, service = ui
     path = examples()[digit]
-    labels, infos, states = h.predict_batch([as_upload(tmp_path, path.name, path.read_bytes())], "upload")
+    labels, infos, states, _ = h.predict_batch([as_upload(tmp_path, path.name, path.read_bytes())], "upload")
     expected = demo_predictor.predict_probs([Image.open(path).convert("RGB")])[0]
     assert list(labels[0])[0] == digit and len(labels[0]) == h.settings.top_k
     assert labels[0][digit] == pytest.approx(float(expected.max()), abs=TOL)
@@ -84,7 +84,7 @@ def test_accepted_odd_inputs(ui, tmp_path, demo_predictor):
         as_upload(tmp_path, "anim.gif", animated_gif(Image.open(ex["3"]), Image.open(ex["8"]))),
         as_upload(tmp_path, "rotated.jpg", rotated_with_exif(upright)),
     ]
-    labels, infos, states = h.predict_batch(payloads, "upload")
+    labels, infos, states, _ = h.predict_batch(payloads, "upload")
     assert all(isinstance(lab, dict) and len(lab) == 5 for lab in labels)
     assert next(iter(labels[2])) == "3"  # first frame of the GIF, not the second
     assert next(iter(labels[3])) == digit  # EXIF orientation applied exactly once
@@ -94,7 +94,7 @@ def test_one_bad_image_in_a_batch_does_not_fail_the_others(ui, tmp_path):
     h, service = ui
     good = as_upload(tmp_path, "5.png", examples()["5"].read_bytes())
     bad = as_upload(tmp_path, "bad.jpg", b"<html><body>hi</body></html>")
-    labels, infos, states = h.predict_batch([good, bad, None], "webcam")
+    labels, infos, states, _ = h.predict_batch([good, bad, None], "webcam")
     assert next(iter(labels[0])) == "5" and states[0]["id"]
     assert labels[1] is None and "web page (HTML)" in infos[1] and states[1] is None
     assert labels[2] is None and infos[2] == "" and states[2] is None  # cleared input: nothing to do
@@ -104,7 +104,7 @@ def test_one_bad_image_in_a_batch_does_not_fail_the_others(ui, tmp_path):
 
 def test_none_input_is_a_no_op(ui):
     h, service = ui
-    assert h.predict_batch([None], "upload") == ([None], [""], [None])
+    assert h.predict_batch([None], "upload") == ([None], [""], [None], [None])
     assert stored(service)[1] == 0
 
 
@@ -114,7 +114,7 @@ def test_sketch_transparent_canvas_is_white_paper(ui, tmp_path, demo_predictor):
     ink = Image.open(examples()["4"]).convert("L")
     strokes = Image.merge("RGBA", (*(Image.new("L", ink.size, 0),) * 3, ink.point(lambda v: 255 - v)))
     payload = {"background": None, "layers": [], "composite": as_upload(tmp_path, "sketch.png", png(strokes))}
-    labels, _, states = h.predict_batch([payload], "sketch")
+    labels, _, states, _ = h.predict_batch([payload], "sketch")
     on_white = demo_predictor.predict_probs([Image.open(examples()["4"]).convert("RGB")])[0]
     assert next(iter(labels[0])) == "4"
     assert labels[0]["4"] == pytest.approx(float(on_white[4]), abs=2e-3)  # ink alpha 255-v over white ~ v
@@ -160,7 +160,7 @@ def test_oversize_data_url_is_refused_without_decoding_it_all(ui):
 
 def test_feedback_is_stored(ui, tmp_path):
     h, service = ui
-    _, _, (state,) = h.predict_batch([as_upload(tmp_path, "1.png", examples()["1"].read_bytes())], "upload")
+    _, _, (state,), _ = h.predict_batch([as_upload(tmp_path, "1.png", examples()["1"].read_bytes())], "upload")
     assert "right" in h.feedback(state, correct=True)
     service.store.flush()
     assert predictions(service, id=state["id"])[0].feedback_correct is True
@@ -212,7 +212,7 @@ def test_app_wiring(tmp_path, demo_predictor):
     assert predict.api_visibility == "public" and predict.concurrency_id == "model"
     assert predict.concurrency_limit == 3  # LOUPE_MODEL_WORKERS, not the host's core count
     public = sorted(n for n, fn in fns.items() if fn.api_visibility == "public")
-    assert public == ["predict"]
+    assert public == ["feedback", "predict"]  # feedback: for gradio_client users (it never runs the model)
     assert app._queue.max_size == 9
     assert fns["predict_stream"].time_limit == settings.stream_time_limit
 

@@ -1,4 +1,5 @@
-"""Plain REST API beside Gradio: ``POST /api/v1/predict``, ``GET /api/v1/model``, ``GET /healthz``.
+"""Plain REST API beside Gradio: ``POST /api/v1/predict``, ``POST /api/v1/feedback``, ``GET /api/v1/model``,
+``GET /healthz``.
 
 A FastAPI route costs ~5 ms of HTTP overhead against ~28 ms for Gradio's protocol (baselines.md), so
 programmatic clients get this. It bypasses Gradio's queue, hence the ``Gate``: a few requests run, a
@@ -15,9 +16,11 @@ import time
 
 from fastapi import APIRouter, HTTPException, Request
 from fastapi.responses import JSONResponse
+from pydantic import BaseModel, Field
 from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import FormData, UploadFile
 
+from review.types import ReviewError, UnknownPrediction
 from serving.gate import Allowance, Busy, Gate
 from serving.imageio import ImageRejected
 from serving.pipeline import Input, Pipeline
@@ -97,7 +100,16 @@ class ApiHandlers:
             await form.close()
 
 
-def build_api_router(settings, pipeline: Pipeline, gate: Gate) -> APIRouter:
+class Feedback(BaseModel):
+    """What a user says about an answer: right or wrong, and/or the right class."""
+
+    prediction_id: str = Field(description="The prediction_id of a POST /api/v1/predict answer.", max_length=64)
+    correct: bool | None = Field(default=None, description="Was the answer right?")
+    label: str | None = Field(default=None, description="The right class (one of the model's classes).",
+                              max_length=200)
+
+
+def build_api_router(settings, pipeline: Pipeline, store, gate: Gate) -> APIRouter:
     api = ApiHandlers(settings, pipeline, gate)
     models = pipeline.router
     router = APIRouter()
@@ -131,5 +143,18 @@ def build_api_router(settings, pipeline: Pipeline, gate: Gate) -> APIRouter:
             return await api.read_and_predict(request, start)
         except Busy as e:
             return error(503, str(e), headers={"Retry-After": str(RETRY_AFTER_S)})
+
+    @router.post("/api/v1/feedback", responses={404: {"description": "Unknown prediction_id"},
+                                                422: {"description": "Not one of the model's classes"}})
+    def feedback(body: Feedback):
+        """Tell Loupe whether an answer was right, or what the right class is: the prediction is queued for
+        review when a person contradicts a confident model (and the label feeds retraining once reviewed)."""
+        try:
+            store.record_feedback(body.prediction_id, correct=body.correct, claimed_label=body.label)
+        except UnknownPrediction as e:
+            return error(404, e.args[0])
+        except ReviewError as e:
+            return error(422, e.args[0])
+        return {"status": "recorded"}
 
     return router

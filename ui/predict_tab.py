@@ -118,8 +118,9 @@ class PredictHandlers:
     def describe(answer: Answer) -> str:
         return f"Model `{answer.model.version}` · {answer.model.backend} · {answer.latency_ms:.1f} ms"
 
-    def predict_batch(self, payloads: list, source: str, requests=None) -> tuple[list, list, list]:
-        """Gradio batch function: lists in, one list per output component out (label, info line, state).
+    def predict_batch(self, payloads: list, source: str, requests=None) -> tuple[list, list, list, list]:
+        """Gradio batch function: lists in, one list per output component out (label, info line, state, and the
+        answer's details for API clients: prediction_id, model version, confidence, latency).
 
         A batch of one that is rejected raises ``gr.Error`` (the usual case: a person's own bad file).
         In a batch of several, raising would fail everyone's request, so a rejected item gets its message
@@ -129,18 +130,21 @@ class PredictHandlers:
         results = self.classify(payloads, source, _sessions(requests, len(payloads)))
         if len(results) == 1 and isinstance(results[0], ImageRejected):
             raise gr.Error(results[0].args[0], print_exception=False)
-        labels, infos, states = [], [], []
+        labels, infos, states, details = [], [], [], []
         for r in results:
             if isinstance(r, Answer):
                 labels.append(r.top_k)
                 infos.append(self.describe(r))
                 states.append({"id": r.prediction_id, "label": r.label, "model": r.model.version,
                                "classes": list(r.model.vocab)})
+                details.append({"prediction_id": r.prediction_id, "label": r.label, "confidence": r.confidence,
+                                "model": r.model.version, "latency_ms": round(r.latency_ms, 3)})
             else:
                 labels.append(None)
                 infos.append(f"**Image not accepted:** {r.args[0]}" if isinstance(r, ImageRejected) else "")
                 states.append(None)
-        return labels, infos, states
+                details.append(None)
+        return labels, infos, states, details
 
     def stream_frame(self, payload, count: int | None, request=None) -> tuple:
         """One live-webcam frame -> (top-k, info, frame count). Logs one frame in ``stream_log_every``."""
@@ -174,6 +178,14 @@ class PredictHandlers:
             return "Thanks, noted. If you know the right answer, pick it above."
         return f"Thanks, noted: the right answer is **{claimed}**."
 
+    def api_feedback(self, prediction_id: str, correct: bool | None = None, label: str | None = None) -> str:
+        """Feedback on a /predict answer for API clients (gradio_client): was it right, and/or the right class."""
+        try:
+            self.store.record_feedback(prediction_id, correct=correct, claimed_label=label or None)
+        except ReviewError as e:
+            raise gr.Error(e.args[0], print_exception=False) from None
+        return "recorded"
+
     @staticmethod
     def reset_feedback(state: dict | None):
         """A new answer: the feedback widgets start afresh, offering the classes of the model that answered."""
@@ -203,6 +215,8 @@ def build_predict_app(settings, pipeline: Pipeline, store) -> gr.Blocks:
             # HF's OAuth callback lives on this (public) app; the /review mount reads the shared session.
             gr.LoginButton("Reviewer sign-in", elem_id="hf-login")
         pred_state = gr.State(None)
+        # Not shown: what API clients (gradio_client) need from an answer, the prediction_id for /feedback above all.
+        details = gr.JSON(visible=False, elem_id="prediction-details")
         with gr.Row():
             with gr.Column(scale=3):
                 with gr.Tabs(elem_id="input-tabs"):
@@ -250,7 +264,7 @@ def build_predict_app(settings, pipeline: Pipeline, store) -> gr.Blocks:
                 feedback_md = gr.Markdown(elem_id="feedback-status")
 
         # Batched model events share one concurrency group: the limit is on model work, whatever the tab.
-        model_event = dict(outputs=[label, info_md, pred_state], batch=True, max_batch_size=settings.max_batch_size,
+        model_event = dict(outputs=[label, info_md, pred_state, details], batch=True, max_batch_size=settings.max_batch_size,
                            preprocess=False, concurrency_limit=model_workers(settings), concurrency_id="model")
 
         # (param names show in the API docs; with batch=True each is really a list of images)
@@ -294,6 +308,8 @@ def build_predict_app(settings, pipeline: Pipeline, store) -> gr.Blocks:
         claimed.input(lambda s, c: h.feedback(s, correct=None, claimed=c) if c else gr.skip(),
                       inputs=[pred_state, claimed], outputs=[feedback_md], api_visibility="private")
         app.load(h.header, outputs=[header], queue=False, api_visibility="private")  # the model serving now
+        # gradio_client gets the prediction_id in the state output of /predict; this takes feedback on it.
+        gr.api(h.api_feedback, api_name="feedback", concurrency_limit=DEFAULT_CONCURRENCY)
     # A full queue answers at once ("busy, try again") instead of making everyone wait.
     app.queue(max_size=settings.queue_max_size, default_concurrency_limit=DEFAULT_CONCURRENCY)
     return app

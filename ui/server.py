@@ -59,7 +59,7 @@ def build_server(settings, *, pipeline, store, desk, gate: Gate | None = None) -
     if gate is None:
         # As many REST predictions run at once as Gradio's model group; queue_max_size more may wait.
         gate = Gate(concurrency=model_workers(settings), max_waiting=settings.queue_max_size)
-    app.include_router(build_api_router(settings, pipeline, gate))
+    app.include_router(build_api_router(settings, pipeline, store, gate))
     # Gradio's logout (and people typing the address) land on /review without the slash, which the
     # public mount at "/" would answer with 404.
     app.add_api_route("/review", lambda: RedirectResponse("/review/"), include_in_schema=False)
