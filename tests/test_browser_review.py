@@ -149,7 +149,7 @@ def test_review_three_items_with_the_keyboard(app, page):
     shown = hashlib.sha256(base64.b64decode(src.split(",", 1)[1])).hexdigest()
     assert shown == next(q.image_sha256 for q in queued(app) if q.id == first)
 
-    press(page, "Enter", "Confirmed")
+    press(page, "Enter", "The model is right")
     second, predicted2 = on_screen(page)
     target = next(c for c in CLASSES if c != predicted2)
     press(page, str(CLASSES.index(target) + 1), "Relabelled")  # digit keys: 1 = first class, ...
