@@ -70,21 +70,21 @@ class ReviewDesk:
         Q = QueueEntry
         mine = exists().where(ReviewerMark.item_id == Q.id, ReviewerMark.reviewer == reviewer)
 
-        def count(session, *where) -> int:
-            return session.scalar(select(func.count()).select_from(Q).where(*where))
-
         def fn(s) -> dict[str, int]:
-            open_now = count(s, *open_conds)
-            return {
-                "left": count(s, *open_conds, ~mine),
-                "open": open_now,
-                "total": open_now + count(s, DONE, *extra),
-                # claimed by another reviewer right now: why "left" can be more than what this reviewer is offered
-                "held": count(s, *open_conds, ~mine, text("queue_items.claimed_by IS NOT NULL"),
-                              Q.claimed_by != reviewer, Q.lease_until > self.store.clock()),
-                "decided": s.scalar(select(func.count()).select_from(Decision).where(
-                    Decision.reviewer == reviewer, Decision.action.in_(DECISIVE), decisions.not_reversed())),
-            }
+            # One pass over the open items for both counts (the NOT EXISTS probes the marks' primary key).
+            open_now, left = s.execute(select(func.count(), func.count().filter(~mine)).select_from(Q)
+                                       .where(*open_conds)).one()
+            done = s.scalar(select(func.count()).select_from(Q).where(DONE, *extra))
+            # Held by someone else right now: at most one live claim per reviewer, found through the small partial
+            # index ix_queue_claimed (with the other terms in the same query SQLite scans the open items instead).
+            claims = s.scalars(select(Q.id).where(text("queue_items.claimed_by IS NOT NULL"),
+                                                  Q.claimed_by != reviewer, Q.lease_until > self.store.clock())).all()
+            held = 0
+            if claims:
+                held = s.scalar(select(func.count()).select_from(Q).where(Q.id.in_(claims), *open_conds, ~mine))
+            decided = s.scalar(select(func.count()).select_from(Decision).where(
+                Decision.reviewer == reviewer, Decision.action.in_(DECISIVE), decisions.not_reversed()))
+            return {"left": left, "open": open_now, "total": open_now + done, "held": held, "decided": decided}
 
         return self.store.transaction(fn, read=True)
 
