@@ -21,13 +21,8 @@ from settings import Settings
 from tests.review_fixtures import Kit, build_kit
 from ui.review_auth import auth_fn, hf_auth_dependency, require_reviewer
 from ui.review_keys import action_keys, class_hint, key_label, keymap, keys_line, shortcut_keys
-from ui.review_tab import (
-    ReviewHandlers,
-    Screen,
-    build_review_app,
-    image_html,
-    review_mount_options,
-)
+from ui.review_tab import ReviewHandlers, Screen, build_review_app, review_mount_options
+from ui.review_view import image_html
 
 VOCAB = ("cat", "dog", "bird")
 INFO = ModelInfo(name="tiny", sha256="ab" * 32, vocab=VOCAB, backend="torch")
@@ -297,6 +292,10 @@ def test_the_model_is_right_and_the_user_is_right_are_two_actions(settings):
         assert "The model is right: **cat**" in second.status
         last = decide(h, second, "claim")
         assert "The user is right: **dog**" in last.status and not last.token
+        # Shift+Enter delivered twice (the second with the state that moved on): one decision, and no claim of the
+        # next screen is ever applied to the item the press was meant for
+        again = decide(h, second, "claim", state=last.state)
+        assert "Already recorded" in again.status
         rows = decisions(kit, reviewer="alice")
         assert [(d.item_id, d.action, d.label) for d in rows] == [(item_id(first), "confirm", "cat"),
                                                                   (item_id(second), "relabel", "dog")]

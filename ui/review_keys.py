@@ -97,9 +97,10 @@ def class_hint(i: int, name: str, keys: dict[str, int]) -> str:
     return f"{name}  [{' / '.join(mine)}]" if mine else name
 
 
-def button_label(action: Action, vocab: tuple[str, ...], detail: str = "") -> str:
+def button_label(action: Action, vocab: tuple[str, ...], detail: str = "", wording: str | None = None) -> str:
+    """A button's text on an item of this vocab: its wording, what it records, its key."""
     key = action_keys(tuple(vocab))[action.name]
-    return action.wording + (f": {detail}" if detail else "") + (f" [{key_label(key)}]" if key else "")
+    return (wording or action.wording) + (f": {detail}" if detail else "") + (f" [{key_label(key)}]" if key else "")
 
 
 def keys_line(vocab: tuple[str, ...], *, claims: tuple[str, ...] = (), claim_wording: str = CLAIM.wording) -> str:

@@ -10,18 +10,14 @@ travels inside the authenticated event stream and is never written to disk.
 
 from __future__ import annotations
 
-import base64
-import io
 import threading
 import time
 import uuid
-from html import escape as html_escape
 from typing import Any, NamedTuple
 
 import gradio as gr
-from PIL import Image
 
-from review.types import REASON_TEXT, REASONS, DecisionResult, QueueItem, ReviewError
+from review.types import REASONS, ReviewError
 from ui.review_auth import auth_fn, hf_auth_dependency, require_reviewer
 from ui.review_keys import (
     ACTIONS,
@@ -38,10 +34,20 @@ from ui.review_keys import (
     keys_line,
     shortcut_keys,
 )
+from ui.review_view import (
+    claim_wording,
+    claims_to_offer,
+    conflict_md,
+    counts_md,
+    done_md,
+    empty_html,
+    image_html,
+    item_details,
+    md,
+    progress_md,
+    short_label,
+)
 
-MAX_SIDE = 1280  # reviewers need detail, not the original 40-megapixel file over the wire
-SMALL_SIDE = 256  # below this the browser enlarges the image pixelated, not blurred
-PASS_THROUGH_BYTES = 400_000  # small stored PNGs are sent as they are: no decode/encode on the hot path
 COUNTS_EVERY_S = 15.0
 
 
@@ -60,108 +66,6 @@ class Screen(NamedTuple):
 
 
 EMPTY_STATE = {"item_id": None, "key": None, "claims": []}
-
-
-def _md(text: object) -> str:
-    """Escape Markdown/HTML in labels that came from users or dataset files."""
-    out = str(text).replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
-    return "".join("\\" + c if c in "\\`*_{}[]()#+-.!|~" else c for c in out)
-
-
-def image_html(data: bytes, alt: str) -> str:
-    with Image.open(io.BytesIO(data)) as img:
-        size = img.size
-        if len(data) <= PASS_THROUGH_BYTES and max(size) <= MAX_SIDE and img.format == "PNG":
-            mime, payload = "image/png", data
-        else:
-            img.draft("RGB", (MAX_SIDE, MAX_SIDE))
-            shown = img.convert("RGB")
-            shown.thumbnail((MAX_SIDE, MAX_SIDE))
-            buf = io.BytesIO()
-            shown.save(buf, "JPEG", quality=88)
-            mime, payload = "image/jpeg", buf.getvalue()
-    src = f"data:{mime};base64,{base64.b64encode(payload).decode()}"
-    css_class = ' class="small"' if max(size) < SMALL_SIDE else ""
-    return f'<img id="review-img"{css_class} alt="{alt}" src="{src}">'
-
-
-def item_details(item: QueueItem) -> str:
-    reasons = "\n".join(f"- **{_md(r.replace('_', ' '))}**: {REASON_TEXT.get(r, '')}" for r in item.reasons)
-    claimed = ", ".join(f"**{_md(c)}**" for c in item.claimed_labels) or "none"
-    loss = f" · loss {item.loss:.2f}" if item.loss is not None else ""
-    second = (f"\n\nSecond opinion: {item.decisions_so_far} of {item.required_decisions} decisions so far"
-              if item.required_decisions > 1 else "")
-    size = f" · {item.width}×{item.height} px" if item.width and item.height else ""
-    return (f"### Model says: {_md(item.predicted)} ({item.confidence:.0%})\n\n"
-            f"**Label given by a user or the dataset:** {claimed}\n\n**Why it is queued**\n{reasons}\n\n"
-            f"<small>margin {item.margin:.2f} · entropy {item.entropy:.2f}{loss} · source {_md(item.source)}"
-            f" · seen {item.seen}×{size} · {item.created:%Y-%m-%d %H:%M} UTC · model `{item.model_version}`"
-            f"</small>{second}")
-
-
-def counts_md(c: dict, reviewer: str) -> str:
-    reasons = " · ".join(f"{name.replace('_', ' ')} {c['open_by_reason'].get(name, 0)}" for name in REASONS)
-    dec = " · ".join(f"{a.replace('_', ' ')} {n}" for a, n in c["decisions"].items())
-    lines = [f"**Open** {c['queue_open']} (claimed now {c['queue_claimed']}) · **done** {c['queue_done']}"
-             f" · predictions logged {c['predictions']}", f"Open by reason: {reasons}",
-             f"Decisions: {dec} · undone {c['undos']} · by you {c['by_reviewer'].get(reviewer, 0)}"]
-    so = c["second_opinion"]
-    if so["pairs"] or so["awaiting_second"]:
-        agree = f"{so['agreement']:.0%}" if so["agreement"] is not None else "n/a"
-        lines.append(f"Second opinions: agreement {agree} ({so['agreed']} of {so['pairs']}),"
-                     f" {so['awaiting_second']} awaiting a second reviewer")
-    audit = c["audit"]
-    if audit["reviewed"]:
-        lines.append(f"Audit sample accuracy: {audit['accuracy']:.0%} of {audit['reviewed']} reviewed")
-    return "\n\n".join(lines)
-
-
-def _conflict_md(result: DecisionResult) -> str:
-    who = "; ".join(f"{_md(c.reviewer)}: {c.action.replace('_', ' ')}" + (f" → {_md(c.label)}" if c.label else "")
-                    + f" at {c.time:%H:%M:%S}" for c in result.conflicts)
-    return f"⚠️ **Conflict** — {_md(result.message)}" + (f" ({who})" if who else "")
-
-
-def claims_to_offer(item: QueueItem) -> tuple[str, ...]:
-    """Labels users or the dataset gave the item that differ from the prediction and are classes of its model."""
-    return tuple(c for c in item.claimed_labels if c != item.predicted and c in item.vocab)
-
-
-def claim_wording(item: QueueItem) -> str:
-    return "The dataset is right" if item.source == "dataset" else CLAIM.wording
-
-
-def _plain(text: str) -> str:
-    """A label inside a button's text (plain text, not Markdown): keep it short."""
-    return text if len(text) <= 40 else text[:39] + "…"
-
-
-def _n(n: int) -> str:
-    return "1 open item" if n == 1 else f"{n} open items"
-
-
-def _is(n: int) -> str:
-    return "is" if n == 1 else "are"
-
-
-def _its(n: int) -> str:
-    return "its" if n == 1 else "their"
-
-
-def progress_md(p: dict) -> str:
-    if not p["total"]:
-        return "**Nothing queued** with these filters"
-    return f"**{p['left']} of {p['total']} left** · you decided {p['decided']}"
-
-
-def _done_md(asked: str, result: DecisionResult) -> str:
-    if asked == "confirm":
-        return f"✓ The model is right: **{_md(result.label)}**"
-    if asked == "claim":
-        return f"✓ The user is right: **{_md(result.label)}**"
-    if asked == "relabel":
-        return f"✓ {_md(result.message)} ({_md(result.previous_label)} → **{_md(result.label)}**)"
-    return f"✓ {_md(result.message)}"
 
 
 def _filters(reason: str | None, predicted: str | None, model_version: str | None) -> dict:
@@ -195,7 +99,7 @@ class ReviewHandlers:
         try:
             html = image_html(self.desk.image_bytes(item.image_sha256), f"Queued image {item.image_sha256[:12]}")
         except ReviewError as e:  # purged or lost file: still decidable (bad image, skip), so say so and go on
-            html = f'<div id="review-missing">{_md(e.args[0])}</div>'
+            html = f'<div id="review-missing">{md(e.args[0])}</div>'
         # Each item is shown and decided in the classes of the model that queued it, keys included.
         claims = claims_to_offer(item)
         keys = shortcut_keys(item.vocab)
@@ -204,9 +108,9 @@ class ReviewHandlers:
         probs = dict(list(item.probs.items())[: self.settings.top_k])
         wording = claim_wording(item)
         buttons = (
-            gr.update(value=button_label(CONFIRM, item.vocab, _plain(item.predicted))),
-            gr.update(value=button_label(CLAIM, item.vocab, _plain(claims[0])).replace(CLAIM.wording, wording)
-                      if len(claims) == 1 else CLAIM.wording, visible=len(claims) == 1),
+            gr.update(value=button_label(CONFIRM, item.vocab, short_label(item.predicted))),
+            gr.update(value=button_label(CLAIM, item.vocab, short_label(claims[0]), wording) if len(claims) == 1
+                      else wording, visible=len(claims) == 1),
             *(gr.update(value=button_label(a, item.vocab)) for a in (OUT_OF_DOMAIN, BAD_IMAGE, SKIP, UNDO)),
         )
         return Screen(html, item_details(item), gr.update(value=probs, visible=True), status,
@@ -217,22 +121,7 @@ class ReviewHandlers:
 
     def _empty(self, reviewer: str, filters: dict, status: str) -> Screen:
         """The calm screen of an empty queue: what is left elsewhere, and the keys that still mean something."""
-        p = self.desk.progress(reviewer, **filters)
-        more = []
-        if p["held"]:
-            more.append(f"{_n(p['held'])} matching your filters {_is(p['held'])} being reviewed by someone else "
-                        "right now; an item comes back if they leave it.")
-        if p["left"] > p["held"]:  # e.g. claims of a closed tab, not yet expired
-            more.append(f"{_n(p['left'] - p['held'])} will be offered again when {_its(p['left'] - p['held'])} "
-                        "claim expires.")
-        if p["open"] > p["left"]:
-            more.append(f"{_n(p['open'] - p['left'])} you decided or skipped {_is(p['open'] - p['left'])} left "
-                        "for other reviewers.")
-        if any(filters.values()):
-            more.append("Other items may match other filters.")
-        more.append("New items arrive as people use the model; press Refresh to look again.")
-        html = ('<div id="review-empty"><div class="calm">Nothing to review right now</div>'
-                + "".join(f"<p>{html_escape(m)}</p>" for m in more) + "</div>")
+        html = empty_html(self.desk.progress(reviewer, **filters), filtered=any(filters.values()))
         buttons = (gr.update(value=CONFIRM.wording), gr.update(value=CLAIM.wording, visible=False),
                    *(gr.update(value=button_label(a, ())) for a in (OUT_OF_DOMAIN, BAD_IMAGE, SKIP, UNDO)))
         keys = ('<div id="review-keys-line">Nothing on screen to decide. Keys: <kbd>U</kbd> undo your last '
@@ -267,7 +156,7 @@ class ReviewHandlers:
         """Page load, filter change, refresh."""
         reviewer = self._user(request, profile)
         return self._screen(reviewer, _filters(reason, predicted, model_version),
-                            f"Signed in as **{_md(reviewer)}**", state=state, fresh=False)
+                            f"Signed in as **{md(reviewer)}**", state=state, fresh=False)
 
     def decide(self, action: str, label: str | None, token: str, state, reason, predicted, model_version,
                request: gr.Request, profile: gr.OAuthProfile | None = None) -> Screen:
@@ -278,7 +167,7 @@ class ReviewHandlers:
         state = state or dict(EMPTY_STATE)
         if not token:  # a key pressed on the empty screen: say so quietly and look again
             wording = next((a.wording for a in ACTIONS if a.name == action), "Relabel")
-            return self._screen(reviewer, filters, f"Nothing to decide (“{_md(wording)}”): no item was on screen.",
+            return self._screen(reviewer, filters, f"Nothing to decide (“{md(wording)}”): no item was on screen.",
                                 state=state, fresh=False)
         item_id, _, key = token.partition(":")
         if not item_id.isdigit() or not key:
@@ -305,9 +194,9 @@ class ReviewHandlers:
         if not on_screen:
             # The browser sent an item that is no longer on screen (a double press raced the first answer).
             # The service answered from the first decision; nothing new was recorded: keep the current item.
-            return self._screen(reviewer, filters, f"Already recorded: {_md(result.message)}", state=state,
+            return self._screen(reviewer, filters, f"Already recorded: {md(result.message)}", state=state,
                                 fresh=False)
-        status = _conflict_md(result) if result.status == "conflict" else _done_md(asked, result)
+        status = conflict_md(result) if result.status == "conflict" else done_md(asked, result)
         return self._screen(reviewer, filters, status, state=state, fresh=True)
 
     def undo(self, token: str, state, reason, predicted, model_version, request: gr.Request,
@@ -320,7 +209,7 @@ class ReviewHandlers:
             result = self.desk.undo(reviewer, idempotency_key=key)
         except ReviewError as e:
             raise gr.Error(str(e.args[0])) from e
-        status = f"↶ {_md(result.message)}"
+        status = f"↶ {md(result.message)}"
         # The undone item is handed back to this reviewer; drop the filters so it is shown even if they exclude it.
         filters = _filters(None, None, None) if result.ok else _filters(reason, predicted, model_version)
         return self._screen(reviewer, filters, status, state=state, fresh=result.ok)
