@@ -89,6 +89,8 @@ def test_the_public_page_leads_to_the_review_login(app, page):
     link = page.locator("#review-link")
     expect(link).to_be_visible()
     in_viewport(page, "#review-link")  # at the top, not somewhere below the fold
+    RESULTS.mkdir(exist_ok=True)
+    page.screenshot(path=str(RESULTS / "predict-review-link.png"))
     link.click()
     page.wait_for_url(re.compile(r".*/review/$"))
     expect(page.get_by_label("password")).to_be_visible()  # the review still wants its login
