@@ -6,13 +6,15 @@ Authentication is the caller's job: every method takes a reviewer name the calle
 
 from __future__ import annotations
 
-from sqlalchemy import select
+from sqlalchemy import exists, func, select, text
 
 from review import decisions, queue, stats
-from review.db import Model
+from review.db import Decision, Model, QueueEntry, ReviewerMark
 from review.imagestore import check_sha
 from review.store import ReviewStore
-from review.types import DecisionResult, QueueItem, ReviewError
+from review.types import DECISIVE, DecisionResult, QueueItem, ReviewError
+
+DONE = text("queue_items.status = 'done'")  # literal, like queue.OPEN, so the (status, ...) indexes apply
 
 
 class ReviewDesk:
@@ -55,6 +57,36 @@ class ReviewDesk:
         out = self.store.transaction(lambda s: stats.counts(s, self.store.clock()), read=True)
         out.update(self.store.log_status())
         return out
+
+    def progress(self, reviewer: str, *, reason: str | None = None, predicted: str | None = None,
+                 model_version: str | None = None) -> dict[str, int]:
+        """The reviewer's own progress for their filters: ``left`` open items they may still be offered (not
+        decided or skipped by them; ``held`` of those claimed by someone else right now), ``open`` all open items,
+        ``total`` items open or done, and ``decided`` their decisions in force (any filter). Fresh on every call:
+        it is the number the reviewer watches tick down."""
+        _check_reviewer(reviewer)
+        open_conds = queue.filters(reason=reason, predicted=predicted, model_version=model_version)
+        extra = [c for c in open_conds if c is not queue.OPEN]
+        Q = QueueEntry
+        mine = exists().where(ReviewerMark.item_id == Q.id, ReviewerMark.reviewer == reviewer)
+
+        def fn(s) -> dict[str, int]:
+            # One pass over the open items for both counts (the NOT EXISTS probes the marks' primary key).
+            open_now, left = s.execute(select(func.count(), func.count().filter(~mine)).select_from(Q)
+                                       .where(*open_conds)).one()
+            done = s.scalar(select(func.count()).select_from(Q).where(DONE, *extra))
+            # Held by someone else right now: at most one live claim per reviewer, found through the small partial
+            # index ix_queue_claimed (with the other terms in the same query SQLite scans the open items instead).
+            claims = s.scalars(select(Q.id).where(text("queue_items.claimed_by IS NOT NULL"),
+                                                  Q.claimed_by != reviewer, Q.lease_until > self.store.clock())).all()
+            held = 0
+            if claims:
+                held = s.scalar(select(func.count()).select_from(Q).where(Q.id.in_(claims), *open_conds, ~mine))
+            decided = s.scalar(select(func.count()).select_from(Decision).where(
+                Decision.reviewer == reviewer, Decision.action.in_(DECISIVE), decisions.not_reversed()))
+            return {"left": left, "open": open_now, "total": open_now + done, "held": held, "decided": decided}
+
+        return self.store.transaction(fn, read=True)
 
     def model_versions(self) -> list[str]:
         return self.store.transaction(

@@ -1,8 +1,10 @@
-"""The review loop in a real browser: log in, decide three queued items with the keyboard, check the database;
+"""The review loop in a real browser: log in, decide queued items with the keyboard, check the database;
 and check that an anonymous browser gets neither the Review page nor a stored image.
 
-The app runs once per module as a subprocess (tests/browser_support.py) serving a tiny exported learner, with
+The app runs once per module as a subprocess (tests/browser_support.py) serving a tiny learner exported from class
+folders named cat, dog and horse (names without a key of their own: keys by position and by first letter), with
 every prediction queued (low-confidence threshold 1.0) so that images POSTed to the REST API become the queue.
+(The digits model, whose class names are keys, is tests/test_browser_review_keys.py.)
 """
 
 from __future__ import annotations
@@ -25,17 +27,26 @@ from sqlalchemy.orm import Session
 from review.auth import hash_password
 from review.db import Decision, QueueEntry
 from tests.browser_support import launch_args, start_app
-from tests.learners import CLASSES
+from tests.learners import CLASSES, build_learner, export_learner, make_color_dataset
 
 pytestmark = pytest.mark.slow
+NAMED = ("cat", "dog", "horse")  # the colour dataset's classes (CLASSES), renamed
 PASSWORD = "review me"
 RESULTS = Path(__file__).resolve().parents[1] / "test-results"
 TIMEOUT = 30_000  # ms; generous: two cores shared with a model and a database
 
 
 @pytest.fixture(scope="module")
-def app(tmp_path_factory, exported):
-    model_path, sha = exported("squish224")
+def named_model(tmp_path_factory) -> tuple:
+    data = make_color_dataset(tmp_path_factory.mktemp("named"))
+    for colour, name in zip(CLASSES, NAMED, strict=True):
+        (data / colour).rename(data / name)
+    return export_learner(build_learner("squish224", data), tmp_path_factory.mktemp("named-model"))
+
+
+@pytest.fixture(scope="module")
+def app(tmp_path_factory, named_model):
+    model_path, sha = named_model
     root = tmp_path_factory.mktemp("review-browser")
     gradio_cache = root / "gradio-cache"
     env = {
@@ -48,7 +59,7 @@ def app(tmp_path_factory, exported):
     proc = start_app(root / "data", env)
     try:
         rng = np.random.default_rng(7)
-        for i in range(4):
+        for i in range(5):
             arr = rng.integers(0, 256, size=(60 + 10 * i, 80, 3), dtype=np.uint8)
             buf = io.BytesIO()
             Image.fromarray(arr).save(buf, "PNG")
@@ -58,7 +69,7 @@ def app(tmp_path_factory, exported):
         proc.gradio_cache = gradio_cache
         proc.db = create_engine(f"sqlite:///{root / 'data' / 'loupe.db'}")
         deadline = time.monotonic() + 30
-        while len(queued(proc)) < 4:  # the prediction log is written in the background
+        while len(queued(proc)) < 5:  # the prediction log is written in the background
             assert time.monotonic() < deadline, proc.log()
             time.sleep(0.2)
         yield proc
@@ -130,7 +141,7 @@ def press(page, key: str, status: str) -> None:
     print(f"key {key!r}: next image in the page {page.evaluate('window.__shown'):.0f} ms after the key press")
 
 
-def test_review_three_items_with_the_keyboard(app, page):
+def test_review_named_classes_with_the_keyboard(app, page):
     RESULTS.mkdir(exist_ok=True)
     file_requests: list[str] = []
     page.on("request", lambda r: file_requests.append(r.url) if "file=" in r.url else None)
@@ -149,17 +160,23 @@ def test_review_three_items_with_the_keyboard(app, page):
     shown = hashlib.sha256(base64.b64decode(src.split(",", 1)[1])).hexdigest()
     assert shown == next(q.image_sha256 for q in queued(app) if q.id == first)
 
-    press(page, "Enter", "Confirmed")
+    press(page, "Enter", "The model is right")
     second, predicted2 = on_screen(page)
-    target = next(c for c in CLASSES if c != predicted2)
-    press(page, str(CLASSES.index(target) + 1), "Relabelled")  # digit keys: 1 = first class, ...
-    third, _ = on_screen(page)
+    target = next(c for c in NAMED if c != predicted2)
+    position = str(NAMED.index(target) + 1)
+    # the hint shows both keys of the class: its position and its first letter
+    expect(page.locator("#review-relabel-choice")).to_contain_text(f"{target}  [{position} / {target[0].upper()}]")
+    press(page, position, "Relabelled")  # 1 = first class, ...
+    third, predicted3 = on_screen(page)
+    target3 = next(c for c in reversed(NAMED) if c != predicted3)
+    press(page, target3[0], "Relabelled")  # ... or its first letter
+    fourth, _ = on_screen(page)
     press(page, "x", "out of domain")
 
     assert stored_decisions(app) == [(first, "alice", "confirm", predicted1), (second, "alice", "relabel", target),
-                                     (third, "alice", "out_of_domain", None)]
-    assert len({first, second, third}) == 3
-    expect(page.locator("#review-counts")).to_contain_text("by you 3", timeout=TIMEOUT)
+                                     (third, "alice", "relabel", target3), (fourth, "alice", "out_of_domain", None)]
+    assert len({first, second, third, fourth}) == 4
+    expect(page.locator("#review-counts")).to_contain_text("by you 4", timeout=TIMEOUT)
     page.screenshot(path=str(RESULTS / "review-tab-after.png"), full_page=True)
 
     # the other keys: B (bad image) empties the queue, U brings the item back, a double Enter confirms it once
@@ -171,7 +188,7 @@ def test_review_three_items_with_the_keyboard(app, page):
     page.keyboard.press("Enter")
     page.keyboard.press("Enter")
     expect(page.locator("#review-empty")).to_be_visible(timeout=TIMEOUT)
-    expect(page.locator("#review-counts")).to_contain_text("by you 4", timeout=TIMEOUT)
+    expect(page.locator("#review-counts")).to_contain_text("by you 5", timeout=TIMEOUT)
     assert [row[2] for row in stored_decisions(app) if row[0] == last] == ["bad_image", "undo", "confirm"]
     assert file_requests == []
     # What the reviewer saw left no copy in Gradio's cache either (a gr.Image would have put one there, re-encoded

@@ -20,14 +20,9 @@ from review.db import Decision, QueueEntry
 from settings import Settings
 from tests.review_fixtures import Kit, build_kit
 from ui.review_auth import auth_fn, hf_auth_dependency, require_reviewer
-from ui.review_keys import shortcut_keys
-from ui.review_tab import (
-    ReviewHandlers,
-    Screen,
-    build_review_app,
-    image_html,
-    review_mount_options,
-)
+from ui.review_keys import action_keys, class_hint, key_label, keymap, keys_line, shortcut_keys
+from ui.review_tab import ReviewHandlers, Screen, build_review_app, review_mount_options
+from ui.review_view import image_html
 
 VOCAB = ("cat", "dog", "bird")
 INFO = ModelInfo(name="tiny", sha256="ab" * 32, vocab=VOCAB, backend="torch")
@@ -90,6 +85,16 @@ def decide(h, screen: Screen, action, label=None, user="alice", state=None, filt
     return h.decide(action, label, screen.token, state, *filters, req(user))
 
 
+def counts(h, user="alice", filters=("", "", "")) -> str:
+    """The shared counts under the filters (the second output of the progress event)."""
+    return h.progress(*filters, req(user))[1]
+
+
+def top_line(h, user="alice", filters=("", "", "")) -> str:
+    """The reviewer's own "k of N left" line at the top of the page."""
+    return h.progress(*filters, req(user))[0]
+
+
 def item_id(screen: Screen) -> int:
     return int(screen.token.split(":")[0])
 
@@ -105,7 +110,7 @@ def test_handlers_refuse_anyone_but_a_reviewer(handlers, service, user):
     with pytest.raises(gr.Error, match="Log in as a reviewer"):
         handlers.undo(screen.token, screen.state, "", "", "", req(user))
     with pytest.raises(gr.Error, match="Log in as a reviewer"):
-        handlers.progress(req(user))
+        counts(handlers, user)
     assert decisions(service) == []
 
 
@@ -143,7 +148,7 @@ def test_hf_auth_dependency_reads_the_oauth_session(settings):
 # ---- decisions -------------------------------------------------------------------------------------------
 def test_confirm_relabel_out_of_domain_bad_and_skip_are_stored(handlers, service):
     screen = show(handlers)
-    assert screen.probs and len(screen.probs) == 3 and "Why it is queued" in screen.details
+    assert len(screen.probs["value"]) == 3 and "Why it is queued" in screen.details
     done = []
     for action, label in [("confirm", None), ("relabel", "bird"), ("out_of_domain", None), ("bad_image", None),
                           ("skip", None)]:
@@ -159,7 +164,8 @@ def test_confirm_relabel_out_of_domain_bad_and_skip_are_stored(handlers, service
     assert by_action["out_of_domain"].label is None and by_action["bad_image"].label is None
     assert item(service, by_action["relabel"].item_id).status == "done"
     assert item(service, by_action["skip"].item_id).status == "open"  # skip settles nothing
-    assert screen.token == "" and "Nothing left" in screen.image  # alice skipped the last one
+    assert screen.token == "" and "Nothing to review" in screen.image  # alice skipped the last one
+    assert "1 open item you decided or skipped is left for other reviewers" in screen.image
     assert show(handlers, "bob").token.startswith(f"{by_action['skip'].item_id}:")  # ...bob still gets it
 
 
@@ -170,9 +176,9 @@ def test_relabel_needs_a_class(handlers, service):
     assert decisions(service) == []
 
 
-def test_a_forged_or_empty_token_is_refused(handlers, service):
+def test_a_forged_token_is_refused(handlers, service):
     show(handlers)
-    for token in ("", "abc:key", "1:", "../1:key"):
+    for token in ("abc:key", "1:", "../1:key"):
         with pytest.raises(gr.Error, match="no item on screen"):
             handlers.decide("confirm", None, token, None, "", "", "", req("alice"))
     assert decisions(service) == []
@@ -269,11 +275,93 @@ def test_filters(handlers, service):
 
 def test_counts_show_progress(handlers, service):
     screen = show(handlers)
-    assert "**Open** 5" in handlers.progress(req("alice"))
+    assert "**Open** 5" in counts(handlers, "alice")
     decide(handlers, screen, "confirm")
-    counts = handlers.progress(req("alice"))
-    assert "**Open** 4" in counts and "confirm 1" in counts and "by you 1" in counts
-    assert "by you 0" in handlers.progress(req("bob"))
+    shown = counts(handlers, "alice")
+    assert "**Open** 4" in shown and "confirm 1" in shown and "by you 1" in shown
+    assert "by you 0" in counts(handlers, "bob")
+
+
+def test_progress_line_says_how_many_are_left_for_you(handlers, service):
+    assert "5 of 5 left" in top_line(handlers) and "you decided 0" in top_line(handlers)
+    assert "2 of 2 left" in top_line(handlers, filters=("", "dog", ""))
+    screen = decide(handlers, show(handlers), "confirm")
+    decide(handlers, screen, "skip")
+    assert "3 of 5 left" in top_line(handlers) and "you decided 1" in top_line(handlers)
+    assert "4 of 5 left" in top_line(handlers, "bob") and "you decided 0" in top_line(handlers, "bob")
+    assert "Nothing queued" in top_line(handlers, filters=("high_loss", "", ""))
+
+
+def claim_kit(settings, claims_per_image):
+    """One queued image per entry: the model says cat (unsure); users claimed the given labels for that image."""
+    kit = build_kit(settings, INFO)
+    for i, claims in enumerate(claims_per_image):
+        img = Image.new("RGB", (40, 30), (i * 37 % 256, 90, 120))
+        for claimed in claims or (None,):
+            kit.log(image=img, probs=np.asarray((0.5, 0.3, 0.2), dtype=np.float32), source="upload",
+                    latency_ms=5, claimed_label=claimed)
+    kit.store.flush()
+    return kit
+
+
+def test_the_model_is_right_and_the_user_is_right_are_two_actions(settings):
+    kit = claim_kit(settings, [("dog",), ("dog",)])
+    try:
+        h = ReviewHandlers(settings, kit.desk, counts_ttl_s=0)
+        first = show(h)
+        confirm, claim = first.buttons[0], first.buttons[1]
+        assert confirm["value"] == "The model is right: cat [Enter]"
+        assert claim["value"] == "The user is right: dog [Shift+Enter]" and claim["visible"] is True
+        assert keymap(VOCAB, claim=True)["Shift+Enter"] == ["action", "review-claim"]
+        assert 'data-keys="' in first.keys and "Shift+Enter" in first.keys and "the user is right" in first.keys
+        assert "dog  [2 / D]  · the user's label" in [c[0] for c in first.choice["choices"]]
+        second = decide(h, first, "confirm")
+        assert "The model is right: **cat**" in second.status
+        last = decide(h, second, "claim")
+        assert "The user is right: **dog**" in last.status and not last.token
+        # Shift+Enter delivered twice (the second with the state that moved on): one decision, and no claim of the
+        # next screen is ever applied to the item the press was meant for
+        again = decide(h, second, "claim", state=last.state)
+        assert "Already recorded" in again.status
+        rows = decisions(kit, reviewer="alice")
+        assert [(d.item_id, d.action, d.label) for d in rows] == [(item_id(first), "confirm", "cat"),
+                                                                  (item_id(second), "relabel", "dog")]
+    finally:
+        kit.store.close()
+
+
+def test_without_one_differing_claim_there_is_no_user_is_right_key(settings):
+    kit = claim_kit(settings, [("dog", "bird"), ("cat",), ()])
+    try:
+        h = ReviewHandlers(settings, kit.desk, counts_ttl_s=0)
+        disagreeing = 0
+        for _ in range(3):
+            screen = show(h)
+            assert screen.buttons[1]["visible"] is False and "Shift+Enter" not in screen.keys
+            with pytest.raises(gr.Error, match="No single label"):
+                decide(h, screen, "claim")
+            if "dog" in screen.details:  # two users disagree: the keys line names both, their class keys decide
+                assert "Users gave different labels (dog, bird)" in screen.keys
+                assert sum("the user's label" in c[0] for c in screen.choice["choices"]) == 2
+                disagreeing += 1
+            decide(h, screen, "skip")
+        assert disagreeing == 1 and [d.action for d in decisions(kit)] == ["skip"] * 3
+    finally:
+        kit.store.close()
+
+
+def test_an_empty_queue_is_calm(handlers, service):
+    screen = show(handlers)
+    while screen.token:
+        screen = decide(handlers, screen, "confirm")
+    assert "Nothing to review right now" in screen.image and screen.probs["visible"] is False
+    # keys pressed on the empty screen: a quiet status line, no gr.Error (it would paint every panel red)
+    for action, label in (("confirm", None), ("out_of_domain", None), ("claim", None), ("relabel", "dog"),
+                          ("relabel", None)):
+        again = handlers.decide(action, label, screen.token, screen.state, "", "", "", req("alice"))
+        assert "Nothing to decide" in again.status and "Nothing to review right now" in again.image
+    assert "Nothing to undo" in handlers.undo("", screen.state, "", "", "", req("bob")).status
+    assert len(decisions(service)) == 5
 
 
 def test_second_opinions_show_agreement(settings):
@@ -286,10 +374,10 @@ def test_second_opinions_show_agreement(settings):
         decide(h, decide(h, first, "confirm"), "confirm")  # alice decides both
         bob = show(h, "bob")
         assert "Second opinion: 1 of 2" in bob.details
-        assert "2 awaiting" in h.progress(req("bob"))
+        assert "2 awaiting" in counts(h, "bob")
         bob = decide(h, bob, "confirm", user="bob")  # agrees
         decide(h, bob, "relabel", "dog", user="bob")  # disagrees
-        assert "agreement 50% (1 of 2)" in h.progress(req("alice"))
+        assert "agreement 50% (1 of 2)" in counts(h, "alice")
     finally:
         svc.store.close()
 
@@ -317,13 +405,58 @@ def test_large_images_are_sent_downscaled():
     assert Image.open(io.BytesIO(base64.b64decode(src.split(",", 1)[1]))).size == (1280, 960)
 
 
-def test_shortcut_keys():
+# ---- keys ---------------------------------------------------------------------------------------------------
+DIGITS = tuple("0123456789")
+
+
+def classes_by_key(vocab) -> dict[str, str]:
+    return {k: vocab[i] for k, i in shortcut_keys(vocab).items()}
+
+
+def test_a_class_named_by_a_key_is_selected_by_that_key():
+    assert classes_by_key(DIGITS) == {d: d for d in DIGITS}  # 7 records "7", never the 7th class ("6")
+    assert keymap(DIGITS)["7"] == ["class", "7"] and keymap(DIGITS)["0"] == ["class", "0"]
+    # digits in any order, and mixed with words: a digit key never selects another class than its digit
+    assert classes_by_key(("9", "3", "7")) == {"9": "9", "3": "3", "7": "7"}
+    assert classes_by_key(("0", "1", "2", "other")) == {"0": "0", "1": "1", "2": "2", "o": "other"}
+    # letters too, case included (Shift+A is "A"); an action letter taken by a class moves to Shift+letter
+    letters = ("a", "A", "b", "x", "cat")
+    assert classes_by_key(letters) == {"a": "a", "A": "A", "b": "b", "x": "x", "5": "cat", "c": "cat"}
+    assert action_keys(letters) == {"confirm": "Enter", "claim": "Shift+Enter", "out_of_domain": "X",
+                                    "bad_image": "B", "skip": "s", "undo": "u"}
+    both = tuple("xXbB")  # no key left for these actions on such an item: their buttons still work
+    assert action_keys(both)["out_of_domain"] is None and action_keys(both)["bad_image"] is None
+    assert ["action", "review-ood"] not in keymap(both).values()
+
+
+def test_names_without_a_natural_key_get_positions_and_free_first_letters():
+    assert classes_by_key(("cat", "dog", "horse")) == {"1": "cat", "2": "dog", "3": "horse", "c": "cat",
+                                                      "d": "dog", "h": "horse"}
     keys = shortcut_keys(("cat", "dog", "bird", "bear", "xray", "sheep", "umbrella"))
     assert keys["1"] == 0 and keys["3"] == 2 and keys["7"] == 6
     assert keys["c"] == 0 and keys["d"] == 1
     assert "b" not in keys  # action key (bad image), and ambiguous anyway
     assert "x" not in keys and "s" not in keys and "u" not in keys
     assert shortcut_keys(tuple(f"c{i}" for i in range(12)))["0"] == 9
+    assert shortcut_keys(("c", "cat")) == {"c": 0, "2": 1}  # a class's own key is not another's first letter
+    assert shortcut_keys(("D", "dog")) == {"D": 0, "2": 1}  # nor in the other case (Caps Lock falls back to it)
+
+
+def test_every_key_in_the_keymap_is_in_the_hints():
+    """The radio labels and the keys line show exactly the keymap the keyboard script reads."""
+    for vocab in (DIGITS, ("cat", "dog", "horse"), ("a", "A", "b", "x", "cat")):
+        keys = shortcut_keys(vocab)
+        hints = {name: class_hint(i, name, keys) for i, name in enumerate(vocab)}
+        line = keys_line(vocab)
+        for key, (kind, target) in keymap(vocab).items():
+            shown = key_label(key)
+            if kind == "class":
+                assert f"[{shown}" in hints[target] or f"/ {shown}" in hints[target], (vocab, key, hints[target])
+                assert f"<kbd>{shown}</kbd>" in line
+            else:
+                assert f"<kbd>{shown}</kbd>" in line, (vocab, key)
+        assert hints["cat" if "cat" in vocab else "7"].count("[") == 1
+    assert class_hint(7, "7", shortcut_keys(DIGITS)) == "7  [7]"
 
 
 def test_mount_uses_hf_oauth_only_on_a_space_with_an_allowlist(settings):
@@ -393,5 +526,17 @@ def test_next_item_within_150ms_with_100k_predictions(tmp_path):
         split = ", ".join(f"{k} p50 {statistics.median(v):.1f} ms" for k, v in parts.items())
         print(f"decision -> next item: p50 {p50:.1f} ms, max {worst:.1f} ms (100k predictions; {split})")
         assert p50 <= 150, (split, times)
+
+        # The reviewer's "k of N left" line is recounted after every decision: it must cost about what the
+        # shared counts cost (they are cached for everyone), not a scan per row (6x them when it probed each row).
+        progress, shared = [], []
+        for _ in range(7):
+            for out, fn in ((progress, lambda: svc.desk.progress("alice")), (shared, svc.desk.counts)):
+                t0 = time.perf_counter()
+                fn()
+                out.append((time.perf_counter() - t0) * 1000)
+        print(f"progress line p50 {statistics.median(progress):.1f} ms, shared counts p50 "
+              f"{statistics.median(shared):.1f} ms")
+        assert statistics.median(progress) <= 2.5 * statistics.median(shared), (progress, shared)
     finally:
         svc.store.close()

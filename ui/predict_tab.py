@@ -210,6 +210,9 @@ def build_predict_app(settings, pipeline: Pipeline, store) -> gr.Blocks:
     demo_mode = serving_demo(settings)
     with gr.Blocks(title="Loupe", analytics_enabled=False, delete_cache=(600, 600)) as app:
         header = gr.Markdown(h.header(), elem_id="header")
+        # The reviewers' way in. Relative, so it follows any mount path; /review keeps its own login.
+        gr.HTML('<p>Reviewing predictions? <a id="review-link" href="review/"><strong>Open the Review queue →'
+                "</strong></a> (reviewers log in)</p>", elem_id="review-entry")
         gr.Markdown(storage_notice(settings), elem_id="storage-notice")
         if settings.hf_sign_in:
             # HF's OAuth callback lives on this (public) app; the /review mount reads the shared session.

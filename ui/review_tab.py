@@ -10,23 +10,44 @@ travels inside the authenticated event stream and is never written to disk.
 
 from __future__ import annotations
 
-import base64
-import io
 import threading
 import time
 import uuid
 from typing import Any, NamedTuple
 
 import gradio as gr
-from PIL import Image
 
-from review.types import REASON_TEXT, REASONS, DecisionResult, QueueItem, ReviewError
+from review.types import REASONS, ReviewError
 from ui.review_auth import auth_fn, hf_auth_dependency, require_reviewer
-from ui.review_keys import key_hint, keyboard_js, keymap_html, shortcut_keys
+from ui.review_keys import (
+    ACTIONS,
+    BAD_IMAGE,
+    CLAIM,
+    CONFIRM,
+    OUT_OF_DOMAIN,
+    SKIP,
+    UNDO,
+    button_label,
+    class_hint,
+    keyboard_js,
+    keymap_html,
+    keys_line,
+    shortcut_keys,
+)
+from ui.review_view import (
+    claim_wording,
+    claims_to_offer,
+    conflict_md,
+    counts_md,
+    done_md,
+    empty_html,
+    image_html,
+    item_details,
+    md,
+    progress_md,
+    short_label,
+)
 
-MAX_SIDE = 1280  # reviewers need detail, not the original 40-megapixel file over the wire
-SMALL_SIDE = 256  # below this the browser enlarges the image pixelated, not blurred
-PASS_THROUGH_BYTES = 400_000  # small stored PNGs are sent as they are: no decode/encode on the hot path
 COUNTS_EVERY_S = 15.0
 
 
@@ -35,71 +56,16 @@ class Screen(NamedTuple):
 
     image: str  # HTML
     details: str  # Markdown: prediction, reasons, claimed labels, model
-    probs: dict[str, float] | None  # gr.Label
+    probs: dict  # gr.Label update: the top-k probabilities, hidden when no item is on screen
     status: str  # Markdown: last action, conflicts, who is signed in
     token: str  # "<item_id>:<idempotency key>" of the item on screen, round-tripped by the browser
-    state: dict
+    state: dict  # item_id, key, claims: the labels "the user is right" may record for the item on screen
     choice: Any  # relabel selection, cleared for each item
+    keys: str  # HTML: the keys line and the item's hidden keymap, which the keyboard script reads
+    buttons: tuple  # updates of the confirm, claim, out-of-domain, bad-image, skip and undo buttons
 
 
-def _md(text: object) -> str:
-    """Escape Markdown/HTML in labels that came from users or dataset files."""
-    out = str(text).replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
-    return "".join("\\" + c if c in "\\`*_{}[]()#+-.!|~" else c for c in out)
-
-
-def image_html(data: bytes, alt: str) -> str:
-    with Image.open(io.BytesIO(data)) as img:
-        size = img.size
-        if len(data) <= PASS_THROUGH_BYTES and max(size) <= MAX_SIDE and img.format == "PNG":
-            mime, payload = "image/png", data
-        else:
-            img.draft("RGB", (MAX_SIDE, MAX_SIDE))
-            shown = img.convert("RGB")
-            shown.thumbnail((MAX_SIDE, MAX_SIDE))
-            buf = io.BytesIO()
-            shown.save(buf, "JPEG", quality=88)
-            mime, payload = "image/jpeg", buf.getvalue()
-    src = f"data:{mime};base64,{base64.b64encode(payload).decode()}"
-    css_class = ' class="small"' if max(size) < SMALL_SIDE else ""
-    return f'<img id="review-img"{css_class} alt="{alt}" src="{src}">'
-
-
-def item_details(item: QueueItem) -> str:
-    reasons = "\n".join(f"- **{_md(r.replace('_', ' '))}**: {REASON_TEXT.get(r, '')}" for r in item.reasons)
-    claimed = ", ".join(f"**{_md(c)}**" for c in item.claimed_labels) or "none"
-    loss = f" · loss {item.loss:.2f}" if item.loss is not None else ""
-    second = (f"\n\nSecond opinion: {item.decisions_so_far} of {item.required_decisions} decisions so far"
-              if item.required_decisions > 1 else "")
-    size = f" · {item.width}×{item.height} px" if item.width and item.height else ""
-    return (f"### Model says: {_md(item.predicted)} ({item.confidence:.0%})\n\n"
-            f"**Label given by a user or the dataset:** {claimed}\n\n**Why it is queued**\n{reasons}\n\n"
-            f"<small>margin {item.margin:.2f} · entropy {item.entropy:.2f}{loss} · source {_md(item.source)}"
-            f" · seen {item.seen}×{size} · {item.created:%Y-%m-%d %H:%M} UTC · model `{item.model_version}`"
-            f"</small>{second}")
-
-
-def counts_md(c: dict, reviewer: str) -> str:
-    reasons = " · ".join(f"{name.replace('_', ' ')} {c['open_by_reason'].get(name, 0)}" for name in REASONS)
-    dec = " · ".join(f"{a.replace('_', ' ')} {n}" for a, n in c["decisions"].items())
-    lines = [f"**Open** {c['queue_open']} (claimed now {c['queue_claimed']}) · **done** {c['queue_done']}"
-             f" · predictions logged {c['predictions']}", f"Open by reason: {reasons}",
-             f"Decisions: {dec} · undone {c['undos']} · by you {c['by_reviewer'].get(reviewer, 0)}"]
-    so = c["second_opinion"]
-    if so["pairs"] or so["awaiting_second"]:
-        agree = f"{so['agreement']:.0%}" if so["agreement"] is not None else "n/a"
-        lines.append(f"Second opinions: agreement {agree} ({so['agreed']} of {so['pairs']}),"
-                     f" {so['awaiting_second']} awaiting a second reviewer")
-    audit = c["audit"]
-    if audit["reviewed"]:
-        lines.append(f"Audit sample accuracy: {audit['accuracy']:.0%} of {audit['reviewed']} reviewed")
-    return "\n\n".join(lines)
-
-
-def _conflict_md(result: DecisionResult) -> str:
-    who = "; ".join(f"{_md(c.reviewer)}: {c.action.replace('_', ' ')}" + (f" → {_md(c.label)}" if c.label else "")
-                    + f" at {c.time:%H:%M:%S}" for c in result.conflicts)
-    return f"⚠️ **Conflict** — {_md(result.message)}" + (f" ({who})" if who else "")
+EMPTY_STATE = {"item_id": None, "key": None, "claims": []}
 
 
 def _filters(reason: str | None, predicted: str | None, model_version: str | None) -> dict:
@@ -127,32 +93,57 @@ class ReviewHandlers:
         except ReviewError as e:
             raise gr.Error(str(e.args[0])) from e
         if item is None:
-            empty = '<div id="review-empty">Nothing left to review with these filters.</div>' + keymap_html(())
-            return Screen(empty, "", None, status, "", {"item_id": None, "key": None},
-                          gr.update(choices=[], value=None))
+            return self._empty(reviewer, filters, status)
         same = state is not None and state.get("item_id") == item.item_id and not fresh
         key = state["key"] if same else uuid.uuid4().hex
         try:
             html = image_html(self.desk.image_bytes(item.image_sha256), f"Queued image {item.image_sha256[:12]}")
         except ReviewError as e:  # purged or lost file: still decidable (bad image, skip), so say so and go on
-            html = f'<div id="review-missing">{_md(e.args[0])}</div>'
+            html = f'<div id="review-missing">{md(e.args[0])}</div>'
         # Each item is shown and decided in the classes of the model that queued it, keys included.
+        claims = claims_to_offer(item)
         keys = shortcut_keys(item.vocab)
-        choices = [(key_hint(i, name, keys), name) for i, name in enumerate(item.vocab)]
+        choices = [(class_hint(i, name, keys) + ("  · the user's label" if name in claims else ""), name)
+                   for i, name in enumerate(item.vocab)]
         probs = dict(list(item.probs.items())[: self.settings.top_k])
-        return Screen(html + keymap_html(item.vocab), item_details(item), probs, status, f"{item.item_id}:{key}",
-                      {"item_id": item.item_id, "key": key},
-                      gr.update(choices=choices, value=None))
+        wording = claim_wording(item)
+        buttons = (
+            gr.update(value=button_label(CONFIRM, item.vocab, short_label(item.predicted))),
+            gr.update(value=button_label(CLAIM, item.vocab, short_label(claims[0]), wording) if len(claims) == 1
+                      else wording, visible=len(claims) == 1),
+            *(gr.update(value=button_label(a, item.vocab)) for a in (OUT_OF_DOMAIN, BAD_IMAGE, SKIP, UNDO)),
+        )
+        return Screen(html, item_details(item), gr.update(value=probs, visible=True), status,
+                      f"{item.item_id}:{key}", {"item_id": item.item_id, "key": key, "claims": list(claims)},
+                      gr.update(choices=choices, value=None),
+                      keys_line(item.vocab, claims=claims, claim_wording=wording)
+                      + keymap_html(item.vocab, claim=len(claims) == 1), buttons)
 
-    def progress(self, request: gr.Request, profile: gr.OAuthProfile | None = None) -> str:
-        """Counts and progress (chained after each event, and on a timer)."""
+    def _empty(self, reviewer: str, filters: dict, status: str) -> Screen:
+        """The calm screen of an empty queue: what is left elsewhere, and the keys that still mean something."""
+        html = empty_html(self.desk.progress(reviewer, **filters), filtered=any(filters.values()))
+        buttons = (gr.update(value=CONFIRM.wording), gr.update(value=CLAIM.wording, visible=False),
+                   *(gr.update(value=button_label(a, ())) for a in (OUT_OF_DOMAIN, BAD_IMAGE, SKIP, UNDO)))
+        keys = ('<div id="review-keys-line">Nothing on screen to decide. Keys: <kbd>U</kbd> undo your last '
+                "decision</div>" + keymap_html(()))
+        return Screen(html, "", gr.update(value=None, visible=False), status, "", dict(EMPTY_STATE),
+                      gr.update(choices=[], value=None), keys, buttons)
+
+    def progress(self, reason, predicted, model_version, request: gr.Request,
+                 profile: gr.OAuthProfile | None = None) -> tuple[str, str]:
+        """The reviewer's "k of N left" line for their filters (fresh), and the shared counts (chained after each
+        event, and on a timer)."""
         reviewer = self._user(request, profile)
+        try:
+            mine = self.desk.progress(reviewer, **_filters(reason, predicted, model_version))
+        except ReviewError as e:
+            raise gr.Error(str(e.args[0])) from e
         with self._counts_lock:  # one recount at a time; the others wait for it and reuse it
             now = time.monotonic()
             if self._counts is None or now - self._counts[0] >= self.counts_ttl_s:
                 self._counts = (now, self.desk.counts())
             counts = self._counts[1]
-        return counts_md(counts, reviewer)
+        return progress_md(mine), counts_md(counts, reviewer)
 
     def filter_choices(self, request: gr.Request, profile: gr.OAuthProfile | None = None):
         """The filters' choices: every class and model version registered so far."""
@@ -165,30 +156,47 @@ class ReviewHandlers:
         """Page load, filter change, refresh."""
         reviewer = self._user(request, profile)
         return self._screen(reviewer, _filters(reason, predicted, model_version),
-                            f"Signed in as **{_md(reviewer)}**", state=state, fresh=False)
+                            f"Signed in as **{md(reviewer)}**", state=state, fresh=False)
 
     def decide(self, action: str, label: str | None, token: str, state, reason, predicted, model_version,
                request: gr.Request, profile: gr.OAuthProfile | None = None) -> Screen:
+        """``action``: one of review.types.ACTIONS, or "claim" (the user is right: a relabel to the one label a
+        user or the dataset gave the item on screen, different from the prediction)."""
         reviewer = self._user(request, profile)
-        item_id, _, key = (token or "").partition(":")
+        filters = _filters(reason, predicted, model_version)
+        state = state or dict(EMPTY_STATE)
+        if not token:  # a key pressed on the empty screen: say so quietly and look again
+            wording = next((a.wording for a in ACTIONS if a.name == action), "Relabel")
+            return self._screen(reviewer, filters, f"Nothing to decide (“{md(wording)}”): no item was on screen.",
+                                state=state, fresh=False)
+        item_id, _, key = token.partition(":")
         if not item_id.isdigit() or not key:
             raise gr.Error("There is no item on screen to decide; press Refresh.")
-        if action == "relabel" and not label:
+        on_screen = key == state.get("key")
+        asked = action
+        if action == "claim":
+            # The label comes from the server's state of the item on screen, never from the browser. A stale press
+            # (the screen moved on) can only replay its recorded decision, and a replay ignores the label.
+            claims = (state.get("claims") or []) if on_screen else []
+            if on_screen and len(claims) != 1:
+                raise gr.Error("No single label was given for this item; press the key of the right class.")
+            action, label = "relabel", (claims[0] if claims else None)
+        elif action == "relabel" and not label:
             raise gr.Error("Pick the right class first (or press its key).")
         try:
             result = self.desk.decide(reviewer, int(item_id), action=action,
-                                         label=label if action == "relabel" else None, idempotency_key=key)
+                                      label=label if action == "relabel" else None, idempotency_key=key)
         except ReviewError as e:
+            if not on_screen:  # a late press for an item that has left the screen: nothing to undo or fix
+                return self._screen(reviewer, filters, "That item has left the screen; nothing was recorded.",
+                                    state=state, fresh=False)
             raise gr.Error(str(e.args[0])) from e
-        filters = _filters(reason, predicted, model_version)
-        if key != (state or {}).get("key"):
+        if not on_screen:
             # The browser sent an item that is no longer on screen (a double press raced the first answer).
             # The service answered from the first decision; nothing new was recorded: keep the current item.
-            return self._screen(reviewer, filters, f"Already recorded: {_md(result.message)}", state=state,
+            return self._screen(reviewer, filters, f"Already recorded: {md(result.message)}", state=state,
                                 fresh=False)
-        status = _conflict_md(result) if result.status == "conflict" else (
-            f"✓ {_md(result.message)}" + (f" ({_md(result.previous_label)} → **{_md(result.label)}**)"
-                                          if action == "relabel" else ""))
+        status = conflict_md(result) if result.status == "conflict" else done_md(asked, result)
         return self._screen(reviewer, filters, status, state=state, fresh=True)
 
     def undo(self, token: str, state, reason, predicted, model_version, request: gr.Request,
@@ -201,7 +209,7 @@ class ReviewHandlers:
             result = self.desk.undo(reviewer, idempotency_key=key)
         except ReviewError as e:
             raise gr.Error(str(e.args[0])) from e
-        status = f"↶ {_md(result.message)}"
+        status = f"↶ {md(result.message)}"
         # The undone item is handed back to this reviewer; drop the filters so it is shown even if they exclude it.
         filters = _filters(None, None, None) if result.ok else _filters(reason, predicted, model_version)
         return self._screen(reviewer, filters, status, state=state, fresh=result.ok)
@@ -211,15 +219,20 @@ CSS = """
 #review-image { min-height: 60vh; display: flex; align-items: center; justify-content: center; }
 #review-img { width: 100%; height: 72vh; object-fit: contain; }
 #review-img.small { image-rendering: pixelated; }  /* enlarge tiny images without blurring their pixels */
-#review-empty { font-size: 1.3em; opacity: 0.7; }
+#review-empty { text-align: center; max-width: 36rem; opacity: 0.85; }
+#review-empty .calm { font-size: 1.6em; margin-bottom: 0.6em; }
 #review-keys { font-size: 0.85em; opacity: 0.8; }
+#review-keys kbd { border: 1px solid currentColor; border-radius: 3px; padding: 0 0.3em; font-size: 0.9em; }
+#review-progress { font-size: 1.1em; }
 """
 
 
 def build_review_app(settings, desk) -> gr.Blocks:
     h = ReviewHandlers(settings, desk)
     with gr.Blocks(title="Loupe · Review", analytics_enabled=False) as app:
-        state = gr.State({"item_id": None, "key": None})
+        state = gr.State(dict(EMPTY_STATE))
+        # First on the page: at 1280x900 the counts below the image start out of sight.
+        progress_line = gr.Markdown(elem_id="review-progress")
         with gr.Row():
             with gr.Column(scale=3):
                 image = gr.HTML(elem_id="review-image", js_on_load=None)
@@ -230,23 +243,25 @@ def build_review_app(settings, desk) -> gr.Blocks:
                     gr.Button("Log out", link="logout", size="sm", scale=0, min_width=80, elem_id="review-logout")
                 probs = gr.Label(label="Model's probabilities", num_top_classes=settings.top_k, elem_id="review-probs")
                 details = gr.Markdown(elem_id="review-details")
+                # Wording and keys come with each item (its classes may take a letter, its claims add a choice).
                 with gr.Row():
-                    confirm = gr.Button("Confirm [Enter]", variant="primary", elem_id="review-confirm", min_width=90)
-                    ood = gr.Button("None of these / out of domain [X]", elem_id="review-ood", min_width=90)
-                    bad = gr.Button("Bad image [B]", elem_id="review-bad", min_width=90)
-                # Choices come with each item: the classes of the model that queued it.
+                    confirm = gr.Button(CONFIRM.wording, variant="primary", elem_id=CONFIRM.elem_id, min_width=90)
+                    claim = gr.Button(CLAIM.wording, variant="primary", elem_id=CLAIM.elem_id, min_width=90,
+                                      visible=False)
+                with gr.Row():
+                    ood = gr.Button(OUT_OF_DOMAIN.wording, elem_id=OUT_OF_DOMAIN.elem_id, min_width=90)
+                    bad = gr.Button(BAD_IMAGE.wording, elem_id=BAD_IMAGE.elem_id, min_width=90)
                 choice = gr.Radio([], label="Relabel as (press the class key to relabel at once)",
                                   elem_id="review-relabel-choice")
                 with gr.Row():
                     relabel = gr.Button("Relabel", elem_id="review-relabel", min_width=90)
-                    skip = gr.Button("Skip [S]", elem_id="review-skip", min_width=90)
-                    undo = gr.Button("Undo [U]", elem_id="review-undo", min_width=90)
+                    skip = gr.Button(SKIP.wording, elem_id=SKIP.elem_id, min_width=90)
+                    undo = gr.Button(UNDO.wording, elem_id=UNDO.elem_id, min_width=90)
                 # Key target: the keyboard script puts the class of the pressed key here and clicks the button, so a
                 # key press needs no selection round trip.
                 key_label = gr.Textbox(visible="hidden", elem_id="review-key-label")
                 key_relabel = gr.Button(visible="hidden", elem_id="review-key-relabel")
-                gr.Markdown("Keys: **Enter** confirm · **1–9, 0** or a class's first letter relabel · **X** out of "
-                            "domain · **B** bad image · **S** skip · **U** undo", elem_id="review-keys")
+                keys = gr.HTML(elem_id="review-keys")
         with gr.Accordion("Progress and filters", open=True):
             counts = gr.Markdown(elem_id="review-counts")
             with gr.Row():
@@ -261,34 +276,46 @@ def build_review_app(settings, desk) -> gr.Blocks:
                 refresh = gr.Button("Refresh", elem_id="review-refresh")
         token = gr.Textbox(visible="hidden", elem_id="review-token")
         filters = [reason, predicted, model]
-        outputs = [image, details, probs, status, token, state, choice]
+        outputs = [image, details, probs, status, token, state, choice, keys, confirm, claim, ood, bad, skip, undo]
         # One concurrency group for every review event: they are short DB transactions, and SQLite serialises
         # writers anyway; a handful at once keeps several reviewers responsive.
         opts = dict(outputs=outputs, concurrency_id="review", concurrency_limit=4, api_visibility="private")
 
+        def flat(screen: Screen) -> tuple:
+            return (*screen[:-1], *screen.buttons)
+
         def act(action: str):
             def handler(token, state, reason, predicted, model_version, request: gr.Request,
                         profile: gr.OAuthProfile | None = None):
-                return h.decide(action, None, token, state, reason, predicted, model_version, request, profile)
+                return flat(h.decide(action, None, token, state, reason, predicted, model_version, request, profile))
             return handler
 
         def relabel_fn(label, token, state, reason, predicted, model_version, request: gr.Request,
                        profile: gr.OAuthProfile | None = None):
-            return h.decide("relabel", label, token, state, reason, predicted, model_version, request, profile)
+            return flat(h.decide("relabel", label, token, state, reason, predicted, model_version, request, profile))
+
+        def undo_fn(token, state, reason, predicted, model_version, request: gr.Request,
+                    profile: gr.OAuthProfile | None = None):
+            return flat(h.undo(token, state, reason, predicted, model_version, request, profile))
+
+        def show_fn(state, reason, predicted, model_version, request: gr.Request,
+                    profile: gr.OAuthProfile | None = None):
+            return flat(h.show(state, reason, predicted, model_version, request, profile))
 
         inputs = [token, state, *filters]
-        events = [button.click(act(action), inputs, **opts)
-                  for button, action in ((confirm, "confirm"), (ood, "out_of_domain"), (bad, "bad_image"), (skip, "skip"))]
+        events = [button.click(act(a.name), inputs, **opts)
+                  for button, a in ((confirm, CONFIRM), (claim, CLAIM), (ood, OUT_OF_DOMAIN), (bad, BAD_IMAGE),
+                                    (skip, SKIP))]
         events.append(key_relabel.click(relabel_fn, [key_label, *inputs], **opts))
         events.append(relabel.click(relabel_fn, [choice, *inputs], **opts))
-        events.append(undo.click(h.undo, inputs, **opts))
-        events += [trigger(h.show, [state, *filters], **opts)
+        events.append(undo.click(undo_fn, inputs, **opts))
+        events += [trigger(show_fn, [state, *filters], **opts)
                    for trigger in (refresh.click, reason.change, predicted.change, model.change, app.load)]
-        progress = dict(outputs=counts, concurrency_id="review-progress", concurrency_limit=2,
-                        api_visibility="private", show_progress="hidden")
+        progress = dict(inputs=filters, outputs=[progress_line, counts], concurrency_id="review-progress",
+                        concurrency_limit=2, api_visibility="private", show_progress="hidden")
         for event in events:
-            event.then(h.progress, None, **progress)  # after the next item is on screen, never before
-        gr.Timer(COUNTS_EVERY_S).tick(h.progress, None, **progress)  # other reviewers' progress too
+            event.then(h.progress, **progress)  # after the next item is on screen, never before
+        gr.Timer(COUNTS_EVERY_S).tick(h.progress, **progress)  # other reviewers' progress too
         app.load(h.filter_choices, None, [predicted, model], api_visibility="private")
         app.load(None, js=keyboard_js())
     return app
