@@ -27,11 +27,18 @@ from ui.predict_tab import PredictHandlers, build_predict_app, storage_notice
 TOL = 1e-5
 
 
+class AnyFile:
+    """Vouches for every path: these tests are about decoding; tests/test_security_files.py covers which paths."""
+
+    def claim(self, path) -> bool:
+        return True
+
+
 @pytest.fixture
 def ui(tmp_path, demo_predictor):
     settings = Settings(data_dir=tmp_path / "data", max_upload_mb=0.5, stream_log_every=3)
     service = ReviewService.build(settings, demo_predictor.info)
-    yield PredictHandlers(settings, demo_predictor, service), service
+    yield PredictHandlers(settings, demo_predictor, service, AnyFile()), service
     service.close()
 
 
@@ -189,7 +196,7 @@ def test_store_uploads_off_keeps_no_image(tmp_path, demo_predictor):
     settings = Settings(data_dir=tmp_path / "data", store_uploads=False)
     service = ReviewService.build(settings, demo_predictor.info)
     try:
-        h = PredictHandlers(settings, demo_predictor, service)
+        h = PredictHandlers(settings, demo_predictor, service, AnyFile())
         h.predict_batch([as_upload(tmp_path, "3.png", examples()["3"].read_bytes())], "upload")
         assert stored(service)[1] == 0
     finally:
@@ -218,7 +225,7 @@ def test_app_wiring(tmp_path, demo_predictor):
 def test_max_bytes_follows_settings(tmp_path, demo_predictor):
     settings = Settings(data_dir=tmp_path / "d", max_upload_mb=2)
     assert PredictHandlers(settings, demo_predictor, None).max_bytes == 2 * MB
-    h = PredictHandlers(settings, demo_predictor, None)
+    h = PredictHandlers(settings, demo_predictor, None, AnyFile())
     with pytest.raises(gr.Error, match="too large"):
         h.predict_batch([as_upload(tmp_path, "big.png", b"\x89PNG" + b"\0" * (2 * MB))], "upload")
 

@@ -29,6 +29,7 @@ LIVE_STREAMS = 4
 # Feedback and other cheap events; they never run the model.
 DEFAULT_CONCURRENCY = 4
 EMPTY_CANVAS = "The canvas is empty: draw a digit first."
+NOT_AN_UPLOAD = "This image is not one you uploaded, or it has expired; please upload it again."
 # Gradio's Sketchpad starts with no tool selected ("select the draw tool to start"): pick the brush when the
 # Draw tab opens. The tab's content may render a moment after the select event, hence the short retry.
 SELECT_BRUSH_JS = """() => { let tries = 0; const pick = () => {
@@ -68,12 +69,15 @@ class Prediction:
 class PredictHandlers:
     """Event handlers behind the Predict UI. No Gradio server needed to call them."""
 
-    def __init__(self, settings, predictor, service):
+    def __init__(self, settings, predictor, service, uploads=None):
         self.settings = settings
         self.predictor = predictor
         self.service = service
         self.info = predictor.info
         self.max_bytes = settings.max_upload_bytes
+        # The files clients uploaded (ui.upload_store.UploadStore): a path is opened only if ``uploads.claim``
+        # vouches for it. None: no path is opened at all (data: URLs still work).
+        self.uploads = uploads
 
     # ---- input ---------------------------------------------------------------------------
     def read(self, payload) -> bytes | None:
@@ -91,6 +95,10 @@ class PredictHandlers:
             payload = payload.get("path")
         if not payload:
             return None
+        # The HTTP guard already refused paths this client did not upload; this is the second layer, for any
+        # route or payload shape it might miss (a plain string, a dict without meta).
+        if self.uploads is None or not self.uploads.claim(str(payload)):
+            raise ImageRejected(NOT_AN_UPLOAD)
         with open(str(payload), "rb") as f:
             return f.read(self.max_bytes + 1)
 
@@ -210,8 +218,8 @@ def storage_notice(settings) -> str:
     return "Images you submit are not stored: they are classified and then discarded."
 
 
-def build_predict_app(settings, predictor, service) -> gr.Blocks:
-    h = PredictHandlers(settings, predictor, service)
+def build_predict_app(settings, predictor, service, uploads=None) -> gr.Blocks:
+    h = PredictHandlers(settings, predictor, service, uploads)
     info = predictor.info
     demo_mode = serving_demo(settings)
     with gr.Blocks(title=f"Loupe · {info.name}", analytics_enabled=False, delete_cache=(600, 600)) as app:
