@@ -105,6 +105,27 @@ def test_leftovers_of_a_killed_run_are_removed_at_start(app):
     assert not (app.folder / ("0" * 64)).exists()
 
 
+def test_start_up_empties_only_a_folder_that_is_loupes(tmp_path):
+    from ui.upload_store import MARKER, GradioFolderError, prepare_folder
+
+    foreign = tmp_path / "foreign"
+    foreign.mkdir()
+    (foreign / "their.txt").write_text("not Loupe's")
+    with pytest.raises(GradioFolderError, match="did not write"):
+        prepare_folder(foreign)
+    assert (foreign / "their.txt").exists()
+    link = tmp_path / "link"
+    link.symlink_to(foreign)
+    with pytest.raises(GradioFolderError, match="not a directory"):
+        prepare_folder(link)
+    ours = tmp_path / "ours"
+    prepare_folder(ours)
+    (ours / "uploads" / "x").mkdir(parents=True)
+    (ours / "uploads" / "x" / "a.png").write_bytes(b"a")
+    prepare_folder(ours)
+    assert sorted(p.name for p in ours.iterdir()) == [MARKER]
+
+
 def test_many_parts_in_one_request_are_refused_and_nothing_is_kept(app):
     no_uploads_left(app)
     with client_at(app, 10) as c:

@@ -122,7 +122,7 @@ class HttpGuard:
         response = await upload(Request(scope, receive), self.store, max_bytes=self.max_upload_bytes,
                                 owner=new_owner, cookieless=owner is None, public_path=self.alias.show)
         if owner is None:
-            self._set_cookie(response.headers, new_owner)
+            self._set_cookie(response.headers, new_owner, scope)
         await response(scope, receive, send)
 
     async def _event(self, scope, receive, send):
@@ -133,10 +133,11 @@ class HttpGuard:
         if body is None:
             return await refuse(413, "Request too large.")(scope, receive, send)
         if body.strip():
+            client = self._client(scope)
             try:
                 payload = json.loads(body)
                 named = check_payload(payload, reveal=self.alias.reveal,
-                                      allowed=lambda p: self.store.allows(p, self._client(scope)))
+                                      allowed=lambda p: self.store.allows(p, client))
             except Refused as e:
                 return await refuse(403, e.args[0])(scope, receive, send)
             except (ValueError, RecursionError):
@@ -152,7 +153,8 @@ class HttpGuard:
         """Pass to Gradio uncompressed, so that its answer can be rid of server paths on the way out."""
         headers = [(k, v) for k, v in scope["headers"] if k != b"accept-encoding"]
         new_cookie = secrets.token_urlsafe(24) if set_cookie and self._client(scope) is None else None
-        await self.app({**scope, "headers": headers}, receive, self._hiding_send(send, new_cookie))
+        await self.app({**scope, "headers": headers}, receive,
+                       self._hiding_send(send, new_cookie, scope))
 
     # ---- helpers -------------------------------------------------------------------------------------------
     def _client(self, scope) -> str | None:
@@ -163,22 +165,26 @@ class HttpGuard:
                     return found
         return None
 
-    def _set_cookie(self, headers: MutableHeaders, value: str) -> None:
+    def _set_cookie(self, headers: MutableHeaders, value: str, scope) -> None:
         # On a Space the app runs in huggingface.co's iframe: a third-party context, which needs SameSite=None
         # (and Partitioned, where browsers keep third-party cookies per top-level site).
-        attrs = "; SameSite=None; Secure; Partitioned" if self.secure_cookie else "; SameSite=Lax"
+        if self.secure_cookie:
+            attrs = "; SameSite=None; Secure; Partitioned"
+        else:
+            attrs = "; SameSite=Lax" + ("; Secure" if scope.get("scheme") == "https" else "")
         headers.append("set-cookie", f"{COOKIE}={value}; Path=/; HttpOnly{attrs}")
 
-    def _hiding_send(self, send, new_cookie: str | None):
+    def _hiding_send(self, send, new_cookie: str | None, scope):
         held: dict = {}
+        head_only = scope["method"] == "HEAD"  # no body to rewrite; its Content-Length describes the GET's
 
         async def hiding_send(message):
             if message["type"] == "http.response.start":
                 headers = MutableHeaders(raw=list(message["headers"]))
                 if new_cookie:
-                    self._set_cookie(headers, new_cookie)
+                    self._set_cookie(headers, new_cookie, scope)
                 kind = headers.get("content-type", "")
-                if headers.get("content-encoding") or not kind.startswith(_REWRITTEN):
+                if headers.get("content-encoding") or not kind.startswith(_REWRITTEN) or head_only:
                     held["mode"] = "pass"
                 elif kind.startswith("text/event-stream"):
                     held["mode"] = "stream"

@@ -7,8 +7,8 @@ allowed origin, which turns Gradio's off.
 
 CSP: Gradio's frontend needs inline and eval'd scripts (its config and ``js=`` hooks), inline styles, ``data:`` and
 ``blob:`` images (webcam, sketch), ``blob:``/``mediastream:`` media and workers. What the policy still buys:
-nothing loads from or talks to another origin except Google Fonts (the theme's font CSS), no plugins, no
-``<base>`` tricks, forms post only here, and framing only by huggingface.co on a Space (otherwise by no one).
+nothing loads from or talks to another origin (the theme's fonts are served locally), no plugins, no ``<base>``
+tricks, forms post only here, and framing only by huggingface.co on a Space (otherwise by no one).
 """
 
 from __future__ import annotations
@@ -22,8 +22,8 @@ def content_security_policy(frame_ancestors: str) -> str:
     return "; ".join([
         "default-src 'self'",
         "script-src 'self' 'unsafe-inline' 'unsafe-eval'",
-        "style-src 'self' 'unsafe-inline' https://fonts.googleapis.com",
-        "font-src 'self' data: https://fonts.gstatic.com",
+        "style-src 'self' 'unsafe-inline'",
+        "font-src 'self' data:",
         "img-src 'self' data: blob:",
         "media-src 'self' data: blob: mediastream:",
         "connect-src 'self' data: blob:",

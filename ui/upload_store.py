@@ -60,19 +60,17 @@ def prepare_folder(folder: Path) -> None:
         if not stat.S_ISDIR(info.st_mode) or info.st_uid != os.getuid():
             raise GradioFolderError(f"{folder} exists but is not a directory of this user: remove it or set "
                                     "LOUPE_GRADIO_TEMP_DIR to another folder.") from None
-        children = list(folder.iterdir())
+        children = [c for c in folder.iterdir() if c.name != MARKER]
         if children and not (folder / MARKER).exists():
             raise GradioFolderError(f"{folder} holds files Loupe did not write; it empties this folder at start-up, "
                                     "so it will not use it. Remove it or set LOUPE_GRADIO_TEMP_DIR.") from None
         for child in children:
-            if child.name == MARKER:
-                continue
             if child.is_dir() and not child.is_symlink():
                 shutil.rmtree(child)
             else:
                 child.unlink()
         if children:
-            log.info("emptied %s (%d entries left by an earlier run)", folder, len(children) - 1)
+            log.info("emptied %s (%d entries left by an earlier run)", folder, len(children))
     (folder / MARKER).touch()
 
 
