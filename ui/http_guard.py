@@ -142,9 +142,9 @@ class HttpGuard:
                 return await refuse(403, e.args[0])(scope, receive, send)
             except (ValueError, RecursionError):
                 return await refuse(400, "The request body must be JSON.")(scope, receive, send)
-            if named:
-                body = json.dumps(payload).encode()
-                self.store.mark_sent(named)
+            # Gradio gets what was checked (and nothing a second JSON parser might read differently).
+            body = json.dumps(payload).encode()
+            self.store.mark_sent(named)
         headers = [(k, v) for k, v in scope["headers"] if k != b"content-length"]
         scope = {**scope, "headers": [*headers, (b"content-length", str(len(body)).encode())]}
         return await self._forward(scope, _replay(body, receive), send, set_cookie=False)
