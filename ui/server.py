@@ -136,7 +136,7 @@ async def _sweep_uploads(store: UploadStore, app: FastAPI):
         task.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await task
-        await run_in_threadpool(functools.partial(store.sweep, everything=True))
+        await run_in_threadpool(store.close)
 
 
 def _share_oauth_session(app: FastAPI, settings) -> None:

@@ -16,6 +16,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+import re
 import shutil
 import stat
 import tempfile
@@ -44,8 +45,8 @@ def gradio_folder(settings) -> Path:
     One per data dir, so start-up may empty it without touching another app's (or another Loupe's) files.
     """
     parent = Path(settings.gradio_temp_dir or tempfile.gettempdir()).resolve()
-    if (parent / MARKER).exists():  # GRADIO_TEMP_DIR already names a Loupe folder (set by an earlier build)
-        parent = parent.parent
+    if (parent / MARKER).exists() or re.fullmatch(r"loupe-[0-9a-f]{12}", parent.name):
+        parent = parent.parent  # GRADIO_TEMP_DIR names a Loupe folder: an earlier build_server in this process set it
     tag = hashlib.sha256(str(Path(settings.data_dir).resolve()).encode()).hexdigest()[:12]
     return parent / f"loupe-{tag}"
 
@@ -212,6 +213,11 @@ class UploadStore:
             # Each upload has a directory of its own; it goes with the file.
             shutil.rmtree(os.path.dirname(p), ignore_errors=True)
         return len(gone)
+
+    def close(self) -> None:
+        """At shutdown: every upload, then the folder itself (Gradio's example copies are made again at start)."""
+        self.sweep(everything=True)
+        shutil.rmtree(self.folder, ignore_errors=True)
 
     def held_bytes(self) -> int:
         with self._lock:
