@@ -92,6 +92,18 @@ class Settings(BaseSettings):
         "when others can write the data dir and read the model file; changing it rebuilds the bundle once."
     )
 
+    # --- HTTP guard: Gradio uploads and files (issue 6, items 1, 2, 6) ---------------------------------------
+    gradio_temp_dir: Path | None = Field(
+        default=None, validation_alias=AliasChoices("LOUPE_GRADIO_TEMP_DIR", "GRADIO_TEMP_DIR"),
+        description="Where Loupe's own Gradio folder (uploads, example copies) is made; default the system temp "
+        "dir. Loupe empties that folder at start-up.")
+    upload_ttl_s: float = Field(default=120.0, gt=0, description="An upload no event has used is deleted this "
+                                "long after it arrived (used ones go seconds after the model read them).")
+    upload_budget_mb: float = Field(default=200.0, gt=0, description="MB one client address may upload through "
+                                    "the web UI per 10 minutes.")
+    upload_disk_mb: float = Field(default=1024.0, gt=0, description="MB of uploads held at once, all clients "
+                                  "together; beyond it uploads get 503.")
+
     @property
     def hf_sign_in(self) -> bool:
         """Reviewers sign in with Hugging Face: on a Space, with an allowlist."""

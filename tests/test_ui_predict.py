@@ -27,11 +27,18 @@ from ui.predict_tab import PredictHandlers, build_predict_app, storage_notice
 TOL = 1e-5
 
 
+class AnyFile:
+    """Vouches for every path: these tests are about decoding; tests/test_security_files.py covers which paths."""
+
+    def claim(self, path) -> bool:
+        return True
+
+
 @pytest.fixture
 def ui(tmp_path, demo_predictor):
     settings = Settings(data_dir=tmp_path / "data", max_upload_mb=0.5, stream_log_every=3)
     service = app_parts(settings, demo_predictor)
-    yield PredictHandlers(settings, service.pipeline, service.store), service
+    yield PredictHandlers(settings, service.pipeline, service.store, AnyFile()), service
     service.store.close()
 
 
@@ -191,7 +198,7 @@ def test_store_uploads_off_keeps_no_image(tmp_path, demo_predictor):
     settings = Settings(data_dir=tmp_path / "data", store_uploads=False)
     service = app_parts(settings, demo_predictor)
     try:
-        h = PredictHandlers(settings, service.pipeline, service.store)
+        h = PredictHandlers(settings, service.pipeline, service.store, AnyFile())
         h.predict_batch([as_upload(tmp_path, "3.png", examples()["3"].read_bytes())], "upload")
         assert stored(service)[1] == 0
     finally:
@@ -221,7 +228,7 @@ def test_max_bytes_follows_settings(tmp_path, demo_predictor):
     settings = Settings(data_dir=tmp_path / "d", max_upload_mb=2)
     service = app_parts(settings, demo_predictor)
     try:
-        h = PredictHandlers(settings, service.pipeline, service.store)
+        h = PredictHandlers(settings, service.pipeline, service.store, AnyFile())
         assert h.max_bytes == service.pipeline.max_bytes == 2 * MB
         with pytest.raises(gr.Error, match="too large"):
             h.predict_batch([as_upload(tmp_path, "big.png", b"\x89PNG" + b"\0" * (2 * MB))], "upload")

@@ -24,6 +24,7 @@ from serving.pipeline import Answer, Input, Pipeline, Result
 LIVE_STREAMS = 4
 # Feedback and other cheap events; they never run the model.
 DEFAULT_CONCURRENCY = 4
+NOT_AN_UPLOAD = "This image is not one you uploaded, or it has expired; please upload it again."
 # Gradio's Sketchpad starts with no tool selected ("select the draw tool to start"): pick the brush when the
 # Draw tab opens. The tab's content may render a moment after the select event, hence the short retry.
 SELECT_BRUSH_JS = """() => { let tries = 0; const pick = () => {
@@ -62,11 +63,14 @@ def _sessions(requests, n: int) -> list[str | None]:
 class PredictHandlers:
     """Event handlers behind the Predict UI. No Gradio server needed to call them."""
 
-    def __init__(self, settings, pipeline: Pipeline, store):
+    def __init__(self, settings, pipeline: Pipeline, store, uploads=None):
         self.settings = settings
         self.pipeline = pipeline
         self.store = store
         self.max_bytes = settings.max_upload_bytes
+        # The files clients uploaded (ui.upload_store.UploadStore): a path is opened only if ``uploads.claim``
+        # vouches for it. None: no path is opened at all (data: URLs still work).
+        self.uploads = uploads
 
     # ---- input ---------------------------------------------------------------------------
     def read(self, payload) -> bytes | None:
@@ -84,6 +88,10 @@ class PredictHandlers:
             payload = payload.get("path")
         if not payload:
             return None
+        # The HTTP guard already refused paths this client did not upload; this is the second layer, for any
+        # route or payload shape it might miss (a plain string, a dict without meta).
+        if self.uploads is None or not self.uploads.claim(str(payload)):
+            raise ImageRejected(NOT_AN_UPLOAD)
         with open(str(payload), "rb") as f:
             return f.read(self.max_bytes + 1)
 
@@ -205,8 +213,8 @@ def storage_notice(settings) -> str:
     return "Images you submit are not stored: they are classified and then discarded."
 
 
-def build_predict_app(settings, pipeline: Pipeline, store) -> gr.Blocks:
-    h = PredictHandlers(settings, pipeline, store)
+def build_predict_app(settings, pipeline: Pipeline, store, uploads=None) -> gr.Blocks:
+    h = PredictHandlers(settings, pipeline, store, uploads)
     demo_mode = serving_demo(settings)
     with gr.Blocks(title="Loupe", analytics_enabled=False, delete_cache=(600, 600)) as app:
         header = gr.Markdown(h.header(), elem_id="header")

@@ -3,21 +3,35 @@
 Order matters: a Gradio mount at "/" matches every path, so anything added after it is shadowed.
 Gradio options that would otherwise come from environment variables are passed explicitly, so the
 server behaves the same wherever it runs.
+
+In front of it all (outermost first): security headers, the HTTP guard (what clients may send the Gradio apps:
+see ui/http_guard.py), and a CORS middleware that allows no other origin. SECURITY.md explains the layers.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import functools
 import hashlib
+import os
 from pathlib import Path
 
 import gradio as gr
 from fastapi import FastAPI
 from fastapi.responses import RedirectResponse
+from starlette.concurrency import run_in_threadpool
+from starlette.middleware.cors import CORSMiddleware
 
 from serving.gate import Gate
 from ui.api import build_api_router
 from ui.body_timeout import BodyTimeoutMiddleware
+from ui.http_guard import HttpGuard, PathAlias
+from ui.http_headers import SecurityHeaders
 from ui.predict_tab import build_predict_app, model_workers
+from ui.upload_store import UploadStore, gradio_folder, prepare_folder
+
+SWEEP_EVERY_S = 1.0
 
 CSS = """
 #prediction-label, #live-label { min-height: 12rem; }
@@ -54,8 +68,9 @@ def hardening(settings) -> dict:
 def build_server(settings, *, pipeline, store, desk, gate: Gate | None = None) -> FastAPI:
     """The whole HTTP surface. ``pipeline`` answers predictions (its router says which model); ``store`` takes
     feedback; ``desk`` serves reviewers."""
-    app = FastAPI(title="Loupe", docs_url="/api/docs", redoc_url=None, openapi_url="/api/openapi.json")
-    app.add_middleware(BodyTimeoutMiddleware, timeout_s=settings.body_timeout_s, min_rate=settings.body_min_rate)
+    uploads = _gradio_files(settings)
+    app = FastAPI(title="Loupe", docs_url="/api/docs", redoc_url=None, openapi_url="/api/openapi.json",
+                  lifespan=functools.partial(_sweep_uploads, uploads))
     if gate is None:
         # As many REST predictions run at once as Gradio's model group; queue_max_size more may wait.
         gate = Gate(concurrency=model_workers(settings), max_waiting=settings.queue_max_size)
@@ -65,10 +80,68 @@ def build_server(settings, *, pipeline, store, desk, gate: Gate | None = None) -
     app.add_api_route("/review", lambda: RedirectResponse("/review/"), include_in_schema=False)
     if settings.hf_sign_in:
         _share_oauth_session(app, settings)
-    _mount_review(app, settings, desk)
-    public = build_predict_app(settings, pipeline, store)
+    review = _mount_review(app, settings, desk)
+    public = build_predict_app(settings, pipeline, store, uploads=uploads)
     gr.mount_gradio_app(app, public, path="/", **hardening(settings))
+    for blocks in (public, review):
+        # mount_gradio_app never sets this, which leaves Gradio's own "only files in the upload folder" check on
+        # event inputs off. The guard below is the real check; this one stays as a second layer.
+        blocks.has_launched = True
+    uploads.set_static(_config_paths(public.config, uploads.folder))
+    _install_middleware(app, settings, uploads)
     return app
+
+
+def _gradio_files(settings) -> UploadStore:
+    """Loupe's own Gradio folder, emptied (a kill -9 leaves uploads behind), before any Blocks copies examples."""
+    folder = gradio_folder(settings)
+    prepare_folder(folder)
+    # Gradio reads its folder from this variable when it builds components and apps (and later, per request).
+    os.environ["GRADIO_TEMP_DIR"] = str(folder)
+    mb = 1 << 20
+    return UploadStore(folder, ttl_s=settings.upload_ttl_s, budget_bytes=int(settings.upload_budget_mb * mb),
+                       disk_bytes=int(settings.upload_disk_mb * mb))
+
+
+def _config_paths(config, folder: Path) -> list[str]:
+    """Files Gradio copied into its folder while building the app (the example images): the page shows them."""
+    found, stack = [], [config]
+    while stack:
+        node = stack.pop()
+        if isinstance(node, dict):
+            if isinstance(node.get("path"), str) and node["path"].startswith(str(folder) + os.sep):
+                found.append(node["path"])
+            stack.extend(node.values())
+        elif isinstance(node, list):
+            stack.extend(node)
+    return found
+
+
+def _install_middleware(app: FastAPI, settings, uploads: UploadStore) -> None:
+    # add_middleware wraps: the last added is outermost. The body timeout sits outside the guard, which reads
+    # event bodies itself before Gradio does; the security headers outside everything, 408s included.
+    app.add_middleware(CORSMiddleware, allow_origins=[])  # no other origin; also switches Gradio's CORS off
+    app.add_middleware(HttpGuard, store=uploads, alias=PathAlias(uploads.folder),
+                       max_upload_bytes=settings.max_upload_bytes, secure_cookie=bool(settings.space_id))
+    app.add_middleware(BodyTimeoutMiddleware, timeout_s=settings.body_timeout_s, min_rate=settings.body_min_rate)
+    app.add_middleware(SecurityHeaders, space=bool(settings.space_id))
+
+
+@contextlib.asynccontextmanager
+async def _sweep_uploads(store: UploadStore, app: FastAPI):
+    async def sweep_forever():
+        while True:
+            await asyncio.sleep(SWEEP_EVERY_S)
+            await run_in_threadpool(store.sweep)
+
+    task = asyncio.create_task(sweep_forever())
+    try:
+        yield
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+        await run_in_threadpool(store.close)
 
 
 def _share_oauth_session(app: FastAPI, settings) -> None:
@@ -82,9 +155,10 @@ def _share_oauth_session(app: FastAPI, settings) -> None:
     app.add_middleware(SessionMiddleware, secret_key=secret, same_site="none", https_only=True)
 
 
-def _mount_review(app: FastAPI, settings, desk) -> None:
+def _mount_review(app: FastAPI, settings, desk) -> gr.Blocks:
     from ui.review_tab import build_review_app, review_mount_options
 
     review = build_review_app(settings, desk)
     gr.mount_gradio_app(app, review, path="/review", **{**hardening(settings),
                                                          **review_mount_options(settings)})
+    return review
