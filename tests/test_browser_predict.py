@@ -208,5 +208,5 @@ def test_rest_and_gradio_client_on_the_same_server(app):
 
     r = httpx.post(app.url + "/api/v1/predict", files={"file": ("9.png", examples()["9"].read_bytes())})
     assert r.status_code == 200 and r.json()["label"] == "9"
-    label, _ = Client(app.url, verbose=False).predict(handle_file(str(examples()["9"])), api_name="/predict")
+    label, _, _ = Client(app.url, verbose=False).predict(handle_file(str(examples()["9"])), api_name="/predict")
     assert label["label"] == "9"
