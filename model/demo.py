@@ -27,7 +27,7 @@ from pathlib import Path
 
 DEMO_NAME = "digits-demo"
 DEMO_EXPORT = Path(__file__).parent / "demo_artifacts" / "export.pkl"
-DEMO_SHA256 = "e7aa2611309d19107409e9fa73fc1349019e9d0c6d4e87f94c8e0446601cae95"
+DEMO_SHA256 = "fc28e05fc7d94479ff84c3c29d749b61ae093ecec0bd681498992c1b3d77067e"
 DEMO_EXAMPLES_DIR = DEMO_EXPORT.parent / "examples"
 VOCAB = tuple(str(d) for d in range(10))
 SEED = 42
