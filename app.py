@@ -37,45 +37,16 @@ def main() -> None:
     log.info("serving %s (%s, %d classes)%s", info.version, info.backend, len(info.vocab),
              f"; torch fallback: {info.fallback_reason}" if info.fallback_reason else "")
 
-    import uvicorn
-
-    from ui.server import build_server
+    from ui.server import build_server, serve
 
     parts = assemble(settings, predictor)
     try:
-        app = build_server(settings, pipeline=parts.pipeline, store=parts.store, desk=parts.desk)
-        # Per-request access lines are noise. Open browser tabs keep event streams open: without a graceful-shutdown
-        # timeout a SIGTERM would wait for them forever (and Docker's SIGKILL would then lose the unflushed log).
-        # Request bodies are timed by ui/body_timeout.py; uvicorn has no body timeout. timeout_keep_alive only
-        # closes idle connections *between* requests. No limit_concurrency: it counts silent connections too
-        # (measured: 20 sockets that never send a byte, which uvicorn never times out, turned /healthz into 503).
-        config = uvicorn.Config(app, host=settings.host, port=settings.port, log_level="info", access_log=False,
-                                timeout_graceful_shutdown=5, timeout_keep_alive=5)
-        server = announcing_server(config)
-        server.run()
-        if not server.started:
+        if not serve(build_server(settings, pipeline=parts.pipeline, store=parts.store, desk=parts.desk), settings):
             sys.exit(1)  # uvicorn has logged why (e.g. the port is taken)
     except KeyboardInterrupt:
         pass  # uvicorn re-raises Ctrl-C after its graceful shutdown; nothing left to report
     finally:
         parts.store.close()  # flush the prediction log written in the background
-
-
-def announcing_server(config):
-    """A uvicorn server that says where the app, the review and the API docs are, once it really listens."""
-    import uvicorn
-
-    class Server(uvicorn.Server):
-        async def startup(self, sockets=None) -> None:
-            await super().startup(sockets)
-            if self.started and getattr(self, "servers", None):
-                port = self.servers[0].sockets[0].getsockname()[1]
-                host = config.host if config.host not in ("0.0.0.0", "::", "") else "localhost"
-                base = f"http://{f'[{host}]' if ':' in host else host}:{port}"
-                print(f"App: {base}/\nReview: {base}/review/ (reviewers log in)\nAPI docs: {base}/api/docs",
-                      flush=True)
-
-    return Server(config)
 
 
 class Parts(NamedTuple):

@@ -413,6 +413,39 @@ def test_gradio_client_and_rest_against_real_server(app_process, tmp_path):
     assert httpx.get(app_process.url + "/review/config").status_code == 401
 
 
+def test_sigterm_flushes_every_acknowledged_prediction(tmp_path, demo_settings, demo_predictor):
+    """Docker stops a container with SIGTERM: every prediction answered before it is in the database after."""
+    import shutil
+    import signal
+    from concurrent.futures import ThreadPoolExecutor
+
+    import httpx
+    from sqlalchemy import create_engine, func
+
+    from tests.browser_support import start_app
+
+    data = tmp_path / "data"
+    shutil.copytree(demo_settings.cache_dir, data / "cache")
+    app = start_app(data)
+    payload = examples()["5"].read_bytes()
+    try:
+        with ThreadPoolExecutor(4) as pool:
+            answers = list(pool.map(lambda i: httpx.post(app.url + "/api/v1/predict", timeout=60,
+                                                         files={"file": (f"{i}.png", payload)}), range(40)))
+        ids = {r.json()["prediction_id"] for r in answers if r.status_code == 200}
+        app.proc.send_signal(signal.SIGTERM)  # at once: the background writer has not caught up yet
+        code = app.proc.wait(30)
+    finally:
+        app.stop()
+    assert len(ids) == 40 and code == 0, app.log()
+    engine = create_engine(f"sqlite:///{data / 'loupe.db'}")
+    with engine.connect() as c:
+        stored = set(c.execute(select(Prediction.id)).scalars())
+        assert c.execute(select(func.count()).select_from(Prediction)).scalar() == 40
+    engine.dispose()
+    assert ids == stored
+
+
 def test_bad_model_file_is_a_clear_startup_error(tmp_path):
     import subprocess
     import sys

@@ -15,9 +15,11 @@ import contextlib
 import functools
 import hashlib
 import os
+import signal
 from pathlib import Path
 
 import gradio as gr
+import uvicorn
 from fastapi import FastAPI
 from fastapi.responses import RedirectResponse
 from starlette.concurrency import run_in_threadpool
@@ -162,3 +164,39 @@ def _mount_review(app: FastAPI, settings, desk) -> gr.Blocks:
     gr.mount_gradio_app(app, review, path="/review", **{**hardening(settings),
                                                          **review_mount_options(settings)})
     return review
+
+
+def serve(app: FastAPI, settings) -> bool:
+    """Run ``app`` with uvicorn until Ctrl-C or SIGTERM; False if it never started listening.
+
+    uvicorn handles SIGTERM itself, then restores the previous handler and raises the signal again: with the
+    default handler that kills the process before the caller's ``finally`` can flush the prediction log (Docker
+    stops containers with SIGTERM). So the handler it restores raises SystemExit, which unwinds normally.
+    """
+    def exit_cleanly(signum, frame):
+        raise SystemExit(0)
+
+    signal.signal(signal.SIGTERM, exit_cleanly)
+    # Per-request access lines are noise. Open browser tabs keep event streams open: without a graceful-shutdown
+    # timeout a SIGTERM would wait for them forever. Request bodies are timed by ui/body_timeout.py (uvicorn has
+    # no body timeout); timeout_keep_alive only closes idle connections *between* requests. No limit_concurrency:
+    # it counts silent connections too (measured: 20 sockets that never send a byte, which uvicorn never times
+    # out, turned /healthz into 503).
+    config = uvicorn.Config(app, host=settings.host, port=settings.port, log_level="info", access_log=False,
+                            timeout_graceful_shutdown=5, timeout_keep_alive=5)
+    server = AnnouncingServer(config)
+    server.run()
+    return server.started
+
+
+class AnnouncingServer(uvicorn.Server):
+    """Says where the app, the review and the API docs are, once it really listens (uvicorn's own line names
+    only the base address)."""
+
+    async def startup(self, sockets=None) -> None:
+        await super().startup(sockets)
+        if self.started and getattr(self, "servers", None):
+            port = self.servers[0].sockets[0].getsockname()[1]
+            host = self.config.host if self.config.host not in ("0.0.0.0", "::", "") else "localhost"
+            base = f"http://{f'[{host}]' if ':' in host else host}:{port}"
+            print(f"App: {base}/\nReview: {base}/review/ (reviewers log in)\nAPI docs: {base}/api/docs", flush=True)
