@@ -64,10 +64,14 @@ def load_learner_pinned(record, settings):
     return unpickle_learner(data, src.path)
 
 
-def choose_recipe(parent, base: str, overrides: dict) -> T.Recipe:
+def choose_recipe(parent, base: str, overrides: dict, served_name: str | None = None) -> T.Recipe:
+    """The parent's recorded recipe; the demo's for the digits; else the book's; then the caller's overrides."""
+    from model.demo import DEMO_NAME
+
+    name = parent.name if parent is not None else served_name
     if parent is not None and parent.recipe:
         recipe = T.Recipe.from_dict(parent.recipe)
-    elif base == "demo" or (parent is not None and parent.name.startswith("digits")):
+    elif str(base) == "demo" or name == DEMO_NAME:
         recipe = T.DEMO_RECIPE
     else:
         recipe = T.BOOK_RECIPE

@@ -170,9 +170,13 @@ def confident_guess(labels, probs, thresholds=None) -> np.ndarray:
     """Confident learning's guess of each item's true class, or -1 when no class is confident.
 
     A class j is confident for an item when p[j] reaches its threshold t_j; with one such class that is the
-    guess, with several the most probable one (cleanlab's compute_confident_joint)."""
+    guess, with several the most probable one (cleanlab's compute_confident_joint). Unlike cleanlab, a class
+    nobody is labelled with (infinite threshold) gets the mean of the other thresholds: a small import of new
+    data may hold no correctly labelled example of the very class its mislabelled items belong to."""
     y, p = _labels_probs(labels, probs)
     t = confident_thresholds(y, p) if thresholds is None else np.asarray(thresholds, dtype=np.float64)
+    finite = np.isfinite(t)
+    t = np.where(finite, t, t[finite].mean() if finite.any() else 1.0)
     confident = p >= t - 1e-6
     n = confident.sum(axis=1)
     guess = np.where(n > 1, p.argmax(axis=1), confident.argmax(axis=1))

@@ -29,7 +29,7 @@ from review import dataset, export
 from review.db import Decision, Prediction
 from review.imagestore import ImageStore
 from review.types import ReviewError
-from serving.imageio import ImageRejected, decode_image, encode_for_storage
+from serving.imageio import ImageRejected, decode_image, encode_for_storage, image_stats
 
 # Where a training label comes from.
 SOURCES = ("dataset", "dataset-reviewed", "reviewed", "user-confirmed")
@@ -41,6 +41,8 @@ class BaseImage:
     sha256: str
     label: str
     origin: str  # the file it came from ("demo:<index>" for the demo digits)
+    stats: dict = field(default_factory=dict)  # serving.imageio.image_stats (width, height, brightness)
+    size_bytes: int = 0  # of the stored PNG
 
 
 @dataclass
@@ -85,10 +87,11 @@ def load_base(source: str | Path, images: ImageStore, *, max_bytes: int, max_pix
         except OSError as exc:  # a labels.csv naming a missing or unreadable file
             report.rejected.append((origin, exc.strerror or str(exc)))
             continue
-        sha = images.put_bytes(encode_for_storage(img))
+        png = encode_for_storage(img)
+        sha = images.put_bytes(png)
         kept = by_sha.get(sha)
         if kept is None:
-            by_sha[sha] = BaseImage(sha, label, origin)
+            by_sha[sha] = BaseImage(sha, label, origin, image_stats(img), len(png))
         elif kept.label == label:
             report.duplicates += 1
         else:
