@@ -117,8 +117,9 @@ def retrain(settings, store, *, base: str, overrides: dict | None = None, name: 
     people = store.transaction(lambda s: trainset.reviewed(s, store.images), read=True)
     data = trainset.assemble(base_items, base_report, base_images, people, store.images,
                              parent_vocab=None if from_scratch else parent.vocab)
-    say(f"data: {json.dumps(data.snapshot['counts']['by_source'])}; classes: {len(data.vocab)}"
-        + ("" if from_scratch or data.vocab == parent.vocab else " (new classes: a new head)"))
+    if progress:
+        say(f"data: {json.dumps(data.snapshot['counts']['by_source'])}; classes: {len(data.vocab)}"
+            + ("" if from_scratch or data.vocab == parent.vocab else " (new classes: a new head)"))
     init = None if from_scratch else T.adapt_head(parent_learn.model, parent.vocab, data.vocab)
     valid = T.valid_mask([it.sha256 for it in data.items], recipe.valid_pct)
     learn, seconds = T.train(data.items, data.vocab, recipe, valid=valid, init=init, progress=progress)

@@ -7,9 +7,9 @@ is scored by the one model that did not see it. Folds are stratified by label an
 content, so the same dataset always gets the same folds and the same audit version.
 
 Queueing (``queue_records``): the score is ``review.scoring.label_quality`` (``DEFAULT_METHOD``); the items queued
-are those confident learning flags (``scoring.likely_label_issues``: another class reaches its per-class
-threshold), highest suspicion first (``scoring.label_issue_priority``), or every item with ``queue="all"``. No
-fixed loss threshold. README "Close the loop" gives the measurements behind these choices.
+are the likely label issues (``scoring.label_issue_candidates``: the model that did not see the image prefers
+another class, or confident learning flags it), lowest quality first (``scoring.label_issue_priority``), or every
+item with ``queue="all"``. No fixed loss threshold. README "Close the loop" gives the measurements behind this.
 
 The audit's fold ensemble is registered as a model version ``<name>-oof@<hash of the folds>`` (the ``models``
 table, with the vocab), so the reviewer sees the out-of-fold probabilities as that "model"'s view. Re-running the
@@ -51,7 +51,7 @@ class AuditReport:
     images: int = 0  # distinct images with a label in the vocab
     already: int = 0  # already logged for this version with this label: not logged again
     imported: int = 0  # logged now
-    flagged: int = 0  # confident learning's likely label issues among the logged
+    flagged: int = 0  # likely label issues (scoring.label_issue_candidates) in the whole dataset
     queued: int = 0
     unknown_labels: dict[str, int] = field(default_factory=dict)
     rejected: list[tuple[str, str]] = field(default_factory=list)
@@ -111,7 +111,7 @@ def label_scores(base: Sequence[BaseImage], vocab: Sequence[str], probs: np.ndar
     index = {c: i for i, c in enumerate(vocab)}
     labels = np.array([index[b.label] for b in base], dtype=np.int64)
     probs = np.asarray(probs, dtype=np.float64)
-    return scoring.label_quality(labels, probs, method), scoring.likely_label_issues(labels, probs)
+    return scoring.label_quality(labels, probs, method), scoring.label_issue_candidates(labels, probs)
 
 
 def queue_records(store: ReviewStore, info: ModelInfo, base: Sequence[BaseImage], probs: np.ndarray,
