@@ -114,6 +114,10 @@ def _tell(report) -> None:
         say(f"warning: {report.trained_on} of these images were in the served model's training data; a model has "
             "learnt their labels, right or wrong, so it cannot audit them. Use: python -m review audit-dataset "
             f"{report.source} --folds 5")
+    if report.disagreement is not None and report.disagreement > 0.5:
+        say(f"warning: the model contradicts {report.disagreement:.0%} of the labels: it is too weak (or the data too "
+            "unlike its training data) for this audit to mean much. Train the fold models longer (--epochs) or "
+            "check the classes.")
     if report.already:
         say(f"{report.already:,} images were already logged with the same label by {report.model_version}: "
             "not logged again.")

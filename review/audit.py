@@ -62,6 +62,7 @@ class AuditReport:
     train_seconds: float = 0.0
     images_per_s: float = 0.0  # scoring rate
     trained_on: int | None = None  # import-dataset: images the served model was trained on (None: unknown)
+    disagreement: float | None = None  # share of labels the (out-of-fold) model's top class contradicts
     review_at: str = ""
 
 
@@ -199,4 +200,10 @@ def audit_dataset(store: ReviewStore, source: str | Path, *, vocab: Sequence[str
     report.queued = queue_records(store, info, [b for b, t in zip(base, todo, strict=True) if t], probs[todo],
                                   quality[todo], issues[todo], queue=queue)
     report.imported, report.flagged = int(todo.sum()), int(issues.sum())
+    report.disagreement = disagreement(base, classes, probs)
     return report
+
+
+def disagreement(base: Sequence[BaseImage], vocab: Sequence[str], probs: np.ndarray) -> float:
+    index = {c: i for i, c in enumerate(vocab)}
+    return float(np.mean(np.asarray(probs).argmax(axis=1) != np.array([index[b.label] for b in base])))

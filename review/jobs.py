@@ -65,6 +65,7 @@ def import_dataset(store: ReviewStore, pipeline, source: Path, *, batch_size: in
         quality, issues = audit.label_scores(kept, info.vocab, probs, report.method)
         report.queued = audit.queue_records(store, info, kept, probs, quality, issues, queue=queue)
         report.imported, report.flagged = len(kept), int(issues.sum())
+        report.disagreement = audit.disagreement(kept, info.vocab, probs)
     return report
 
 

@@ -245,3 +245,17 @@ def test_cli_import_reports_progress_unknown_labels_repeats_and_where_to_review(
     assert main(["import-dataset", str(tmp_path / "ds")]) == 0
     out, err = capsys.readouterr()
     assert json.loads(out)["already"] == 30 and "30 images were already logged" in err
+
+
+def test_a_model_that_contradicts_most_labels_is_called_out(services, sqlite_url, tmp_path, capsys):
+    from review.__main__ import _tell
+
+    kit = services(sqlite_url)
+
+    def wrong(images):  # always one class off
+        return np.roll(colour_probs(images), 1, axis=1)
+
+    report = jobs.import_dataset(kit.store, kit.pipeline(wrong), colour_folder(tmp_path / "ds", wrong=0))
+    assert report.disagreement == 1.0
+    _tell(report)
+    assert "contradicts 100% of the labels" in capsys.readouterr().err
