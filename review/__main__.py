@@ -110,6 +110,10 @@ def _tell(report) -> None:
     if report.rejected:
         say(f"warning: {len(report.rejected)} files could not be read as images, e.g. {report.rejected[0][0]}: "
             f"{report.rejected[0][1]}")
+    if report.conflicts:
+        origin, label, kept = report.conflicts[0]
+        say(f"warning: {len(report.conflicts)} files repeat an image already listed under another label (e.g. "
+            f"{origin} as {label!r}, kept as {kept!r}); each image is audited once, with its first label.")
     if report.trained_on:
         say(f"warning: {report.trained_on} of these images were in the served model's training data; a model has "
             "learnt their labels, right or wrong, so it cannot audit them. Use: python -m review audit-dataset "
