@@ -135,11 +135,16 @@ def _run(args) -> int:
 
         print(hash_password(_read_password()))
         return 0
+    from pydantic import ValidationError
+
     from review import jobs
     from review.store import ReviewStore
     from settings import Settings
 
-    settings = Settings()
+    try:
+        settings = Settings()
+    except ValidationError as e:
+        raise ReviewError(f"invalid configuration (LOUPE_* environment variables):\n{e}") from None
     store = ReviewStore(settings)
     if args.command in ("audit-dataset", "import-dataset"):
         import warnings
