@@ -96,11 +96,13 @@ def unpickle_learner(data: bytes, path: Path):
     return learn
 
 
-def load_predictor(settings):
-    """Pin check, then a cached ONNX bundle if there is one, else convert (or fall back to torch)."""
+def load_predictor(settings, source: ModelSource | None = None):
+    """Pin check, then a cached ONNX bundle if there is one, else convert (or fall back to torch).
+
+    ``source``: another pinned file than the settings' model (a registered version: model.versions)."""
     from model.spec import NotAClassifier, check_classifier
 
-    src = model_source(settings)
+    src = source or model_source(settings)
     data, digest = read_pinned(src)
     threads = settings.intra_op_threads
     # Signs and checks the cached bundle (model/bundle.py): from the pinned bytes and the operator's secret.

@@ -1,21 +1,20 @@
-"""Dataset audit: the job of fastai's ``ImageClassifierCleaner``, with every decision remembered.
+"""Labelled datasets: the job of fastai's ``ImageClassifierCleaner``, with every decision remembered.
 
-Import a labelled image folder (one folder per class, the ``parent_label`` convention; files found recursively,
-the label is the file's parent folder) or a ``labels.csv`` (``fname,label``; fname relative to the CSV's folder;
-extra columns such as ``is_valid`` are ignored). Each image is scored by the model; rows are stored with
-``source="dataset"`` and ``claimed_label`` = the dataset's label, and every image whose label has a loss above
-``settings.high_loss`` is queued (reason "dataset"), highest loss first.
+A labelled image folder (one folder per class, the ``parent_label`` convention; files found recursively, the label
+is the file's parent folder) or a ``labels.csv`` (``fname,label``; fname relative to the CSV's folder; extra
+columns such as ``is_valid`` are ignored).
 
-This module only lists the labelled files; review.jobs.import_dataset scores them through the prediction
-pipeline (serving.pipeline), whose background log writes them in short transactions: a long import never holds
-the SQLite write lock while the model runs. Files whose label is not one of the model's classes are skipped and
-counted per label.
+This module only lists the labelled files. review.trainset decodes and stores them; review.audit.audit_dataset
+scores them out of fold (K fresh models: finds errors in the training set itself) and review.jobs.import_dataset
+with the served model (new data only: a model cannot audit labels it was trained on). Both log rows with
+``source="dataset"`` and ``claimed_label`` = the dataset's label, in short transactions, and queue the likely label
+errors (reason "dataset"). Files whose label is not one of the classes are skipped and listed per label.
 """
 
 from __future__ import annotations
 
 import csv
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 from review.types import ReviewError
@@ -27,15 +26,6 @@ IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".gif", ".webp", ".bmp", ".
 class LabeledFile:
     path: Path
     label: str
-
-
-@dataclass
-class ImportStats:
-    files: int = 0
-    imported: int = 0
-    queued: int = 0
-    unknown_labels: dict[str, int] = field(default_factory=dict)  # label not in the model's vocab -> files skipped
-    rejected: list[tuple[str, str]] = field(default_factory=list)  # (path, why)
 
 
 def list_labeled(source: Path) -> list[LabeledFile]:

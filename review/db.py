@@ -180,6 +180,57 @@ class ReviewerMark(Base):
     action: Mapped[str] = mapped_column(String(16))
 
 
+# --- model versions (issue 8): the registry model/versions.py works on. New tables, not new columns on `models`:
+# create_all adds missing tables to an existing database but never alters existing ones.
+class ModelVersion(Base):
+    """A trained model that can be served: its file, lineage, data snapshot, metrics and rollout status."""
+
+    __tablename__ = "model_versions"
+    version: Mapped[str] = mapped_column(String(200), primary_key=True)  # "<name>@<sha256[:12]>" = ModelInfo.version
+    name: Mapped[str] = mapped_column(String(200))
+    sha256: Mapped[str] = mapped_column(String(64), unique=True)  # the pin every load checks
+    path: Mapped[str] = mapped_column(String(1000))  # export.pkl; relative to the data dir unless absolute
+    vocab: Mapped[list] = mapped_column(JSON)
+    parent: Mapped[str | None] = mapped_column(String(200))  # the version it was fine-tuned from
+    status: Mapped[str] = mapped_column(String(16))  # model.versions.STATUSES
+    note: Mapped[str] = mapped_column(String(2000), default="")
+    data: Mapped[dict] = mapped_column(JSON)  # snapshot: counts per class and source, base dataset, decisions used
+    metrics: Mapped[dict] = mapped_column(JSON)  # held-out error rate, per-class precision/recall
+    recipe: Mapped[dict | None] = mapped_column(JSON)
+    created: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+    status_changed: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+
+    __table_args__ = (
+        # At most one current version, whatever replicas race: the database refuses a second one.
+        Index("ux_model_versions_current", "status", unique=True, postgresql_where=text("status = 'current'"),
+              sqlite_where=text("status = 'current'")),
+    )
+
+
+class ModelVersionEvent(Base):
+    """Append-only history of status changes: the audit trail, and where a rollback finds the previous current."""
+
+    __tablename__ = "model_version_events"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    version: Mapped[str] = mapped_column(ForeignKey("model_versions.version"), index=True)
+    created: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+    from_status: Mapped[str | None] = mapped_column(String(16))
+    to_status: Mapped[str] = mapped_column(String(16))
+    note: Mapped[str] = mapped_column(String(2000), default="")
+
+
+class TrainingImage(Base):
+    """Which images (and labels) a version was trained and validated on: the gate compares versions on reviewed
+    items a candidate never saw, and import-dataset warns when it audits a model on its own training images."""
+
+    __tablename__ = "model_training_images"
+    version: Mapped[str] = mapped_column(ForeignKey("model_versions.version"), primary_key=True)
+    image_sha256: Mapped[str] = mapped_column(String(64), primary_key=True, index=True)
+    label: Mapped[str] = mapped_column(String(200))
+    split: Mapped[str] = mapped_column(String(5))  # train | valid
+    source: Mapped[str] = mapped_column(String(32))  # review.trainset.SOURCES
+
+
 def make_engine(url: str, *, deferred: bool = False) -> Engine:
     """Engine for ``url``. SQLite: WAL, busy timeout, foreign keys, every transaction ``BEGIN IMMEDIATE``.
 

@@ -50,28 +50,7 @@ def export_reviewed(session: Session, store: ImageStore, out_dir: Path, *, folde
     if out_dir.exists() and any(out_dir.iterdir()):
         raise ReviewError(f"{out_dir} is not empty; export into a new folder")
     out_dir.mkdir(parents=True, exist_ok=True)
-    rows = session.execute(
-        select(QueueEntry.image_sha256, Decision.reviewer, Decision.action, Decision.label)
-        .join(Decision, Decision.item_id == QueueEntry.id)
-        .where(QueueEntry.status == "done", Decision.action.in_(DECISIVE), not_reversed())
-        .order_by(QueueEntry.image_sha256, Decision.id)).all()
-    per_image: dict[str, list] = {}
-    for sha, reviewer, action, label in rows:
-        per_image.setdefault(sha, []).append((reviewer, action, label))
-
-    labelled, excluded = [], []
-    for sha, decided in per_image.items():
-        outcomes = {action if action in EXCLUDING else label for _, action, label in decided}
-        reviewers = " ".join(sorted({r for r, _, _ in decided}))
-        if len(outcomes) > 1:
-            excluded.append((sha, "disagreement", reviewers))
-        elif (outcome := outcomes.pop()) in EXCLUDING:
-            excluded.append((sha, outcome, reviewers))
-        elif not store.exists(sha):
-            excluded.append((sha, "image_missing", reviewers))
-        else:
-            labelled.append((sha, outcome))
-
+    labelled, excluded = reviewed_outcomes(session, store)
     valid_mask = scoring.unit_hash([sha for sha, _ in labelled], "valid:") < valid_pct
     with open(out_dir / "labels.csv", "w", newline="") as f:
         w = csv.writer(f)
@@ -99,3 +78,30 @@ def export_reviewed(session: Session, store: ImageStore, out_dir: Path, *, folde
     return ExportReport(out_dir=out_dir, labelled=len(labelled), valid=int(valid_mask.sum()),
                         excluded=len(excluded), missing_images=sum(1 for e in excluded if e[1] == "image_missing"),
                         decisions=n_decisions)
+
+
+def reviewed_outcomes(session: Session, store: ImageStore) -> tuple[list[tuple[str, str]], list[tuple[str, str, str]]]:
+    """What reviewers settled: ([(image sha256, label)], [(image sha256, reason, reviewers)] excluded).
+    Shared by the export and by retraining (review.trainset)."""
+    rows = session.execute(
+        select(QueueEntry.image_sha256, Decision.reviewer, Decision.action, Decision.label)
+        .join(Decision, Decision.item_id == QueueEntry.id)
+        .where(QueueEntry.status == "done", Decision.action.in_(DECISIVE), not_reversed())
+        .order_by(QueueEntry.image_sha256, Decision.id)).all()
+    per_image: dict[str, list] = {}
+    for sha, reviewer, action, label in rows:
+        per_image.setdefault(sha, []).append((reviewer, action, label))
+
+    labelled, excluded = [], []
+    for sha, decided in per_image.items():
+        outcomes = {action if action in EXCLUDING else label for _, action, label in decided}
+        reviewers = " ".join(sorted({r for r, _, _ in decided}))
+        if len(outcomes) > 1:
+            excluded.append((sha, "disagreement", reviewers))
+        elif (outcome := outcomes.pop()) in EXCLUDING:
+            excluded.append((sha, outcome, reviewers))
+        elif not store.exists(sha):
+            excluded.append((sha, "image_missing", reviewers))
+        else:
+            labelled.append((sha, outcome))
+    return labelled, excluded

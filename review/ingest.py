@@ -48,6 +48,10 @@ class PredictionRecord:
     image_sha256: str | None = None
     stats: dict = field(default_factory=dict)
     image_row: dict | None = None  # set once the file is written, so a retried batch does not lose it
+    # Dataset audits (review.audit): the label's quality score; the item is queued (reason "dataset") iff
+    # label_issue, with a priority that follows the score, instead of by the high-loss threshold.
+    label_quality: float | None = None
+    label_issue: bool = False
 
 
 @dataclass(frozen=True)
@@ -91,6 +95,12 @@ def prediction_rows(records: list[PredictionRecord], th: Thresholds) -> tuple[li
         # a rescore is not traffic: only its (new) loss against the known label can queue it
         reasons = np.where([r.source == "rescore" for r in group], reasons & HIGH_LOSS, reasons)
         prio = scoring.queue_priority(reasons, conf, marg, loss)
+        audited = np.array([r.label_quality is not None for r in group])
+        if audited.any():
+            quality = np.array([1.0 if r.label_quality is None else r.label_quality for r in group])
+            issue = np.array([r.label_issue for r in group])
+            reasons = np.where(audited, np.where(issue, DATASET, 0), reasons)
+            prio = np.where(audited, scoring.label_issue_priority(quality), prio)
         top = probs.argmax(axis=1)
         for i, rec in enumerate(group):
             row = {

@@ -1,4 +1,4 @@
-"""Batch jobs over the store: dataset audit import, re-scoring by a new model, export, reconcile, purge.
+"""Batch jobs over the store: dataset import (served model; the out-of-fold audit is review.audit), re-scoring by a new model, export, reconcile, purge.
 
 Plain functions taking the ``ReviewStore`` (and, where they predict, the prediction pipeline or a predictor):
 the CLI (``python -m review``) and the app call them; a new job is a new function, not an edit to a class.
@@ -9,60 +9,64 @@ from __future__ import annotations
 from datetime import timedelta
 from pathlib import Path
 
-from sqlalchemy import func, select
+import numpy as np
 
-from review import dataset, export, maintenance, rescore
-from review.db import Prediction, QueueEntry
+from review import export, maintenance, rescore
 from review.store import ReviewStore
 from review.types import ReviewError
 
 
-def import_dataset(store: ReviewStore, pipeline, source: Path, *, batch_size: int = 32) -> dataset.ImportStats:
-    """Score a labelled folder or labels.csv through the prediction pipeline; queue likely label errors."""
+def import_dataset(store: ReviewStore, pipeline, source: Path, *, batch_size: int = 32,
+                   method: str | None = None, queue: str = "flagged", progress: bool = False):
+    """Score a labelled folder or labels.csv with the SERVED model, through the prediction pipeline; queue likely
+    label errors (review.audit's scores and rule). Good for auditing NEW data; blind to labels the model was
+    trained on (it has learnt them, right or wrong): use review.audit.audit_dataset for the training set.
+    Returns a review.audit.AuditReport; ``trained_on`` counts imported images the served model was trained on
+    (known when Loupe trained it: the registry keeps its training images), None when unknown."""
+    from model import versions
+    from model.progress import Progress
+    from review import audit, trainset
     from serving.pipeline import Answer, Input
 
-    files = dataset.list_labeled(source)
-    vocab = set(pipeline.router.current.info.vocab)
-    result = dataset.ImportStats()
-    ids: list[str] = []
-    for i in range(0, len(files), batch_size):
-        chunk = files[i : i + batch_size]
-        inputs, kept = [], []
-        for lf in chunk:
-            result.files += 1
-            if lf.label not in vocab:
-                result.unknown_labels[lf.label] = result.unknown_labels.get(lf.label, 0) + 1
-                continue
-            try:
-                data = lf.path.read_bytes()
-            except OSError as exc:  # missing or unreadable file named by a labels.csv
-                result.rejected.append((str(lf.path), exc.strerror or str(exc)))
-                continue
-            inputs.append(Input(data, "dataset", claimed_label=lf.label))
-            kept.append(lf)
-        for lf, answer in zip(kept, pipeline.predict(inputs), strict=True):
-            if isinstance(answer, Answer):
-                ids.append(answer.prediction_id)
+    info = pipeline.router.routes().current.info
+    reading = Progress(0, "reading", enabled=progress)
+    base, loaded = trainset.load_base(source, store.images, max_bytes=pipeline.max_bytes,
+                                      max_pixels=pipeline.max_pixels, vocab=set(info.vocab), progress=reading)
+    reading.close(f"{loaded.images:,} images")
+    report = audit.AuditReport(str(source), info.version, files=loaded.files, images=len(base),
+                               unknown_labels=loaded.unknown_labels, rejected=loaded.rejected,
+                               duplicates=loaded.duplicates, conflicts=loaded.conflicts,
+                               method=method or audit.DEFAULT_METHOD, review_at=audit.review_address(store.settings))
+
+    def overlap(session):
+        rec = versions.by_sha256(session, info.sha256)
+        return None if rec is None else len(versions.trained_on(session, rec.version, [b.sha256 for b in base]))
+
+    report.trained_on = store.transaction(overlap, read=True)
+    done = audit.already_logged(store, info.version, base)
+    todo = [b for b in base if (b.sha256, b.label) not in done]
+    report.already = len(base) - len(todo)
+    scoring_bar = Progress(len(todo), "scoring", enabled=progress)
+    kept, rows = [], []
+    for i in range(0, len(todo), batch_size):
+        chunk = todo[i : i + batch_size]
+        # The stored PNG is what serving decoded: the pipeline re-decodes it losslessly, under the same limits.
+        inputs = [Input(store.images.read(b.sha256), "dataset", claimed_label=b.label, log=False) for b in chunk]
+        for b, answer in zip(chunk, pipeline.predict(inputs), strict=True):
+            if isinstance(answer, Answer) and answer.model.version == info.version:
+                kept.append(b)
+                rows.append(answer.probs)
             else:
-                result.rejected.append((str(lf.path), answer.args[0]))
-    store.flush()
-    result.imported = len(ids)
-    result.queued = store.transaction(lambda s: _queued_for(s, ids), read=True)
-    return result
-
-
-def _queued_for(session, prediction_ids: list[str]) -> int:
-    """Open dataset-audit items among the images of these predictions."""
-    shas: set[str] = set()
-    for i in range(0, len(prediction_ids), 500):
-        shas |= set(session.scalars(select(Prediction.image_sha256).where(
-            Prediction.id.in_(prediction_ids[i : i + 500]), Prediction.image_sha256.is_not(None))))
-    found = 0
-    ordered = sorted(shas)
-    for i in range(0, len(ordered), 500):
-        found += session.scalar(select(func.count()).select_from(QueueEntry).where(
-            QueueEntry.image_sha256.in_(ordered[i : i + 500]), QueueEntry.dataset))
-    return found
+                report.rejected.append((b.origin, answer.args[0] if answer is not None else "no answer"))
+        scoring_bar.update(len(chunk))
+    report.images_per_s = scoring_bar.close()
+    if kept:
+        probs = np.stack(rows)
+        quality, issues = audit.label_scores(kept, info.vocab, probs, report.method)
+        report.queued = audit.queue_records(store, info, kept, probs, quality, issues, queue=queue)
+        report.imported, report.flagged = len(kept), int(issues.sum())
+        report.disagreement = audit.disagreement(kept, info.vocab, probs)
+    return report
 
 
 def rescore_labelled(store: ReviewStore, predictor, *, batch_size: int = 32) -> dict:
