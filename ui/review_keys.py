@@ -149,6 +149,9 @@ _KEYBOARD_JS = """() => {
   const swapCase = (k) => k === k.toLowerCase() ? k.toUpperCase() : k.toLowerCase();
   document.addEventListener("keydown", (e) => {
     if (e.ctrlKey || e.metaKey || e.altKey || e.repeat || e.isComposing) return;
+    // Only while the Review tab is on screen: a key pressed on another tab (Models, Monitor) decides nothing.
+    const shown = document.getElementById("review-image");
+    if (!shown || shown.offsetParent === null) return;
     const t = e.target;
     if (t && (t.isContentEditable || t.tagName === "TEXTAREA" || t.tagName === "SELECT" ||
               (t.tagName === "INPUT" && TYPING.has((t.type || "text").toLowerCase())))) return;
