@@ -197,6 +197,15 @@ class ReviewHandlers:
         return self._screen(reviewer, filters, status, state=state, fresh=result.ok)
 
 
+# A form POST to <this page>/logout (relative: works wherever the app is mounted); the answer redirects back here.
+LOGOUT_JS = """() => {
+  const form = document.createElement("form");
+  form.method = "post";
+  form.action = window.location.pathname.replace(/\\/?$/, "/") + "logout";
+  document.body.appendChild(form);
+  form.submit();
+}"""
+
 CSS = """
 #review-image { min-height: 60vh; display: flex; align-items: center; justify-content: center; }
 #review-img { width: 100%; height: 72vh; object-fit: contain; }
@@ -219,8 +228,7 @@ def build_review_app(settings, service, vocab) -> gr.Blocks:
             with gr.Column(scale=2):
                 with gr.Row(equal_height=True):
                     status = gr.Markdown(elem_id="review-status")
-                    # relative link: /review/logout wherever the app is mounted (Gradio's route ends the session)
-                    gr.Button("Log out", link="logout", size="sm", scale=0, min_width=80, elem_id="review-logout")
+                    logout = gr.Button("Log out", size="sm", scale=0, min_width=80, elem_id="review-logout")
                 probs = gr.Label(label="Model's probabilities", num_top_classes=settings.top_k, elem_id="review-probs")
                 details = gr.Markdown(elem_id="review-details")
                 with gr.Row():
@@ -280,6 +288,8 @@ def build_review_app(settings, service, vocab) -> gr.Blocks:
             event.then(h.progress, None, **progress)  # after the next item is on screen, never before
         gr.Timer(COUNTS_EVERY_S).tick(h.progress, None, **progress)  # other reviewers' progress too
         app.load(None, js=keyboard_js(vocab))
+        # A POST, not a link: ui/review_login.py ends the session (and frees the claimed item) on POST only.
+        logout.click(None, js=LOGOUT_JS)
     return app
 
 

@@ -17,6 +17,7 @@ from fastapi.responses import RedirectResponse
 from model.gate import Gate
 from ui.api import build_api_router
 from ui.predict_tab import build_predict_app, model_workers
+from ui.review_login import install_review_login
 
 CSS = """
 #prediction-label, #live-label { min-height: 12rem; }
@@ -61,6 +62,7 @@ def build_server(settings, predictor, service, *, gate: Gate | None = None) -> F
     app.add_api_route("/review", lambda: RedirectResponse("/review/"), include_in_schema=False)
     if settings.hf_sign_in:
         _share_oauth_session(app, settings)
+    install_review_login(app, settings, service)  # before the mount: shadows Gradio's blocking /review/login
     _mount_review(app, settings, predictor, service)
     public = build_predict_app(settings, predictor, service)
     gr.mount_gradio_app(app, public, path="/", **hardening(settings))
