@@ -8,13 +8,16 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import AliasChoices, Field, SecretStr
+from pydantic import AliasChoices, Field, SecretStr, ValidationInfo, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
 class Settings(BaseSettings):
     # populate_by_name: Settings(database_url=...) must work in code too, not only the env aliases.
-    model_config = SettingsConfigDict(env_prefix="LOUPE_", extra="ignore", populate_by_name=True)
+    # hide_input_in_errors: a refused value may be a secret (a password hash, a database URL with its password),
+    # and the error is printed to the console and the logs.
+    model_config = SettingsConfigDict(env_prefix="LOUPE_", extra="ignore", populate_by_name=True,
+                                      hide_input_in_errors=True)
 
     # --- model -------------------------------------------------------------
     model_path: Path | None = Field(
@@ -104,6 +107,38 @@ class Settings(BaseSettings):
     upload_disk_mb: float = Field(default=1024.0, gt=0, description="MB of uploads held at once, all clients "
                                   "together; beyond it uploads get 503.")
 
+    # --- reviewer login (ui/review_login.py): flood defence, lockouts, proxy trust ----------------------------
+    login_max_failures: int = Field(
+        default=5, ge=1, description="Failed logins allowed per username, and per client address, before a "
+        "lockout: 1 s, doubling with each further failure up to login_lockout_max_s.")
+    login_lockout_max_s: float = Field(
+        default=900.0, gt=0, description="Longest lockout; a username's or address's failures are forgotten "
+        "after this long without a new one.")
+    login_concurrency: int = Field(
+        default=1, ge=1, description="Password checks run at once (PBKDF2, 0.15-0.3 s of one core each, off the "
+        "event loop); a few more may wait, the rest get 503 + Retry-After.")
+    trust_proxy_headers: bool | None = Field(
+        default=None, description="Behind a trusted reverse proxy: the client address is the last "
+        "X-Forwarded-For entry and HTTPS comes from X-Forwarded-Proto. Default: on on a HF Space (SPACE_ID set: "
+        "its proxy sets them), off elsewhere (the connection's own address and scheme).")
+
+    @property
+    def behind_proxy(self) -> bool:
+        return bool(self.space_id) if self.trust_proxy_headers is None else self.trust_proxy_headers
+
+    @field_validator("reviewers", "hf_allowlist")
+    @classmethod
+    def _accounts_parse(cls, value: str, info: ValidationInfo) -> str:
+        """Fail the start, not the first login, on a malformed list (e.g. a hash whose '$' fields a shell expanded)."""
+        from review.auth import parse_hf_allowlist, parse_reviewers  # stdlib only: cheap
+        from review.types import ReviewError
+
+        try:
+            (parse_reviewers if info.field_name == "reviewers" else parse_hf_allowlist)(value)
+        except ReviewError as e:
+            raise ValueError(e.args[0]) from None
+        return value
+
     @property
     def hf_sign_in(self) -> bool:
         """Reviewers sign in with Hugging Face: on a Space, with an allowlist."""
@@ -124,3 +159,4 @@ class Settings(BaseSettings):
     @property
     def db_url(self) -> str:
         return self.database_url or f"sqlite:///{(self.data_dir / 'loupe.db').resolve()}"
+

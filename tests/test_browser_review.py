@@ -199,9 +199,14 @@ def test_review_named_classes_with_the_keyboard(app, page):
     cached = [p for p in app.gradio_cache.rglob("*") if p.is_file()] if app.gradio_cache.exists() else []
     assert not [p for p in cached if p.read_bytes() in stored or image_size(p) in stored_sizes]
 
-    # Log out ends the session (Gradio then redirects to "/review", which the server should send on to "/review/")
-    page.locator("#review-logout").click()
+    # Log out is a POST (a GET link would let any page log reviewers out); the answer sends the browser back to
+    # "/review/", the login form. The cookies are HttpOnly, SameSite=Lax: the whole session above ran on them.
+    with page.expect_response(lambda r: r.url.endswith("/review/logout") and r.request.method == "POST",
+                              timeout=TIMEOUT) as logout:
+        page.locator("#review-logout").click()
+    assert logout.value.status == 303
     page.wait_for_url(re.compile(r".*/review/?$"), timeout=TIMEOUT)
+    expect(page.get_by_label("password")).to_be_visible(timeout=TIMEOUT)
     page.goto(app.url + "/review/")
     expect(page.get_by_label("password")).to_be_visible(timeout=TIMEOUT)
     assert page.request.get(app.url + "/review/config").status == 401

@@ -65,3 +65,14 @@ def test_a_session_signed_with_another_secret_is_refused(client):
     client.cookies.clear()
     client.cookies.set("session", _session_cookie("carol", secret="forged"))
     assert client.get("/review/config").status_code == 401
+
+
+def test_logout_ends_the_hf_session_for_review_by_post_only(client):
+    client.cookies.clear()
+    # the domain the cookie jar files the server's own cookies under, so the logout's Set-Cookie replaces it
+    client.cookies.set("session", _session_cookie("carol"), domain="testserver.local")
+    assert client.get("/review/logout").status_code == 405
+    assert client.get("/review/config").status_code == 200
+    r = client.post("/review/logout", follow_redirects=False)
+    assert r.status_code == 303 and r.headers["location"] == "/review/"
+    assert client.get("/review/config").status_code == 401

@@ -1,7 +1,8 @@
 """Who may review: configured reviewer accounts, or allowlisted Hugging Face users.
 
 Two layers, on purpose:
-1. the /review mount refuses anonymous visitors (Gradio ``auth=auth_fn(settings)`` shows a login form; on a Space,
+1. the /review mount refuses anonymous visitors (Gradio ``auth=auth_fn(settings)`` shows a login form, whose POST
+   is answered by ui/review_login.py: ``auth_fn`` runs there in a worker thread, behind lockouts; on a Space,
    ``auth_dependency=hf_auth_dependency(settings)`` admits only allowlisted HF OAuth sessions);
 2. every review handler calls ``require_reviewer`` again, because a mount mistake (or a handler reachable from another
    Blocks) must not turn into an open door, and ``gr.LoginButton`` by itself restricts nothing.
@@ -31,7 +32,8 @@ def reviewer_names(settings: Settings) -> frozenset[str]:
 
 
 def auth_fn(settings: Settings) -> Callable[[str, str], bool]:
-    """Gradio ``auth=`` callable for the /review mount: (username, password) -> bool."""
+    """Gradio ``auth=`` callable for the /review mount: (username, password) -> bool. Blocking (PBKDF2): never call
+    it on the event loop (Gradio's own login route would; ui/review_login.py shadows it)."""
 
     def check(username: str, password: str) -> bool:
         # HF identities cannot log in with a password: their name space is reserved for OAuth sessions.

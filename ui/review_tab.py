@@ -216,6 +216,15 @@ class ReviewHandlers:
         return self._screen(reviewer, filters, status, state=state, fresh=result.ok)
 
 
+# A form POST to <this page>/logout (relative: works wherever the app is mounted); the answer redirects back here.
+LOGOUT_JS = """() => {
+  const form = document.createElement("form");
+  form.method = "post";
+  form.action = window.location.pathname.replace(/\\/?$/, "/") + "logout";
+  document.body.appendChild(form);
+  form.submit();
+}"""
+
 CSS = """
 #review-image { min-height: 60vh; display: flex; align-items: center; justify-content: center; }
 #review-img { width: 100%; height: 72vh; object-fit: contain; }
@@ -253,8 +262,8 @@ def render_review(app: gr.Blocks, settings, desk) -> None:
         with gr.Column(scale=2):
             with gr.Row(equal_height=True):
                 status = gr.Markdown(elem_id="review-status")
-                # relative link: /review/logout wherever the app is mounted (Gradio's route ends the session)
-                gr.Button("Log out", link="logout", size="sm", scale=0, min_width=80, elem_id="review-logout")
+                # a POST to /review/logout (LOGOUT_JS): Loupe's route ends the session and releases the claim
+                logout = gr.Button("Log out", size="sm", scale=0, min_width=80, elem_id="review-logout")
             probs = gr.Label(label="Model's probabilities", num_top_classes=settings.top_k, elem_id="review-probs")
             details = gr.Markdown(elem_id="review-details")
             # Wording and keys come with each item (its classes may take a letter, its claims add a choice).
@@ -331,6 +340,7 @@ def render_review(app: gr.Blocks, settings, desk) -> None:
         event.then(h.progress, **progress)  # after the next item is on screen, never before
     gr.Timer(COUNTS_EVERY_S).tick(h.progress, **progress)  # other reviewers' progress too
     app.load(h.filter_choices, None, [predicted, model], api_visibility="private")
+    logout.click(None, js=LOGOUT_JS)
 
 
 def review_mount_options(settings) -> dict:

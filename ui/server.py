@@ -31,6 +31,7 @@ from ui.body_timeout import BodyTimeoutMiddleware
 from ui.http_guard import HttpGuard, PathAlias
 from ui.http_headers import SecurityHeaders
 from ui.predict_tab import build_predict_app, model_workers
+from ui.review_login import install_review_login
 from ui.upload_store import UploadStore, gradio_folder, prepare_folder
 
 SWEEP_EVERY_S = 1.0
@@ -82,6 +83,7 @@ def build_server(settings, *, pipeline, store, desk, gate: Gate | None = None) -
     app.add_api_route("/review", lambda: RedirectResponse("/review/"), include_in_schema=False)
     if settings.hf_sign_in:
         _share_oauth_session(app, settings)
+    install_review_login(app, settings, desk)  # before the mount: shadows Gradio's blocking /review/login
     review = _mount_review(app, settings, desk)
     public = build_predict_app(settings, pipeline, store, uploads=uploads)
     gr.mount_gradio_app(app, public, path="/", **hardening(settings))
