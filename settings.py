@@ -74,6 +74,18 @@ class Settings(BaseSettings):
     oauth_client_secret: str | None = Field(default=None, validation_alias=AliasChoices("OAUTH_CLIENT_SECRET"),
                                             description="Set by Spaces with hf_oauth; signs the sign-in session.")
 
+    # --- prediction log: memory, image storage, durability (issue 6) ---------------------------------------
+    log_queue_mb: float = Field(
+        default=64.0, gt=0, description="Upload bytes the prediction log may hold in memory while its writer "
+        "catches up (one upload larger than this is let through alone); beyond it callers wait, then records drop."
+    )
+    store_max_side: int = Field(default=1024, ge=64, description="Stored images are shrunk to fit this many "
+                                "pixels on their longer side (fastai's presizing at 460 px needs less).")
+    max_storage_gb: float = Field(default=10.0, ge=0, description="Cap on the image store; above it new images "
+                                  "are not stored (predictions are still logged). 0: no cap.")
+    min_free_disk_gb: float = Field(default=1.0, ge=0, description="New images are not stored while the data "
+                                    "disk has less free space than this.")
+
     @property
     def hf_sign_in(self) -> bool:
         """Reviewers sign in with Hugging Face: on a Space, with an allowlist."""

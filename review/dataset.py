@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from model.imageio import ImageRejected, decode_image
+from model.imageio import ImageRejected, decode_image, image_stats
 from review.ingest import PredictionRecord
 from review.types import ReviewError
 
@@ -73,17 +73,20 @@ def _from_csv(path: Path) -> list[LabeledFile]:
 def score_files(files: Sequence[LabeledFile], predict_probs: PredictFn, model_info, *, max_bytes: int,
                 max_pixels: int, now: datetime, stats: ImportStats) -> list[PredictionRecord]:
     """Decode and score one chunk; unreadable files go to ``stats.rejected`` with the reason."""
-    images, kept = [], []
+    images, blobs, kept = [], [], []
     for lf in files:
         stats.files += 1
         try:
-            images.append(decode_image(lf.path.read_bytes(), max_bytes=max_bytes, max_pixels=max_pixels))
+            data = lf.path.read_bytes()
+            img = decode_image(data, max_bytes=max_bytes, max_pixels=max_pixels)
         except ImageRejected as exc:
             stats.rejected.append((str(lf.path), exc.args[0]))
             continue
         except OSError as exc:  # missing or unreadable file named by a labels.csv
             stats.rejected.append((str(lf.path), str(exc)))
             continue
+        images.append(img)
+        blobs.append(data)  # what is stored: the writer shrinks and re-encodes it like an upload
         kept.append(lf)
     if not kept:
         return []
@@ -94,10 +97,11 @@ def score_files(files: Sequence[LabeledFile], predict_probs: PredictFn, model_in
     if probs.shape != (len(kept), len(vocab)):
         raise ValueError(f"predict_probs returned shape {probs.shape}, expected {(len(kept), len(vocab))}")
     records = []
-    for lf, img, p in zip(kept, images, probs, strict=True):
+    for lf, img, data, p in zip(kept, images, blobs, probs, strict=True):
         stats.unknown_label += lf.label not in vocab
         records.append(PredictionRecord(id=uuid.uuid4().hex, created=now, source="dataset",
                                         model_version=model_info.version, vocab=vocab, probs=p,
-                                        latency_ms=per_image_ms, image=img, claimed_label=lf.label))
+                                        latency_ms=per_image_ms, data=data, stats=image_stats(img),
+                                        claimed_label=lf.label))
     stats.imported += len(records)
     return records

@@ -8,27 +8,32 @@ from __future__ import annotations
 
 import atexit
 import contextlib
+import logging
 import math
 import threading
+import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from datetime import datetime, timedelta
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
-from sqlalchemy import select
+from sqlalchemy import func, select
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.exc import IntegrityError, OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
 from review import dataset, decisions, export, ingest, maintenance, queue, rescore, stats
-from review.db import Model, Prediction, create_all, make_engine, utcnow
-from review.imagestore import ImageStore, check_sha
+from review.db import Model, Prediction, StoredImage, create_all, make_engine, utcnow
+from review.imagestore import GB, ImageStore, StorageGuard, check_sha
+from review.spool import Orphan, Spool, claim_orphans
 from review.types import SOURCES, DecisionResult, QueueItem, ReviewError, UnknownPrediction
 from review.writer import BackgroundWriter
 
+log = logging.getLogger(__name__)
 _RETRY_SQLSTATES = {"40001", "40P01"}  # PostgreSQL serialization failure, deadlock detected
+MB = 1 << 20
+DROP_REPORT_S = 300.0  # /healthz reports dropped log records for this long after the latest drop
 
 
 class ReviewService:
@@ -39,7 +44,8 @@ class ReviewService:
         self.vocab: tuple[str, ...] = tuple(model_info.vocab) if model_info is not None else ()
         self._clock = clock
         self._th = ingest.Thresholds.from_settings(settings)
-        self.store = ImageStore(settings.images_dir)
+        self.store = ImageStore(settings.images_dir, max_side=settings.store_max_side,
+                                max_bytes=settings.max_upload_bytes, max_pixels=settings.max_pixels)
         self.engine = make_engine(settings.db_url)
         sqlite_db = self.engine.dialect.name == "sqlite"
         self.read_engine = make_engine(settings.db_url, deferred=True) if sqlite_db else self.engine
@@ -51,8 +57,16 @@ class ReviewService:
         self._read_sessions = sessionmaker(self.read_engine, expire_on_commit=False)
         if model_info is not None:
             self._register_model()
+        self._guard = StorageGuard(
+            self.store.root, used=self._stored_bytes, min_free_bytes=int(settings.min_free_disk_gb * GB),
+            max_bytes=int(settings.max_storage_gb * GB) or None)
+        self._store_error: str | None = None  # why image files cannot be written, until one is (health)
+        # Only a service that logs (the app) owns a spool; the CLI's maintenance service leaves spools alone.
+        self._spool = Spool(settings.data_dir / "spool") if model_info is not None else None
+        orphans = claim_orphans(settings.data_dir / "spool") if model_info is not None else []
         self._writer = BackgroundWriter(self._write_batch, maxsize=settings.log_queue_size,
-                                        block_s=settings.log_block_s)
+                                        max_bytes=int(settings.log_queue_mb * MB), block_s=settings.log_block_s,
+                                        spool=self._spool, replay=self._replay(orphans))
         self._closed = False
         atexit.register(self.close)  # a clean interpreter exit drains the log even if main() forgot to
 
@@ -97,9 +111,15 @@ class ReviewService:
         self.transaction(fn)
 
     # --- end-user side ----------------------------------------------------------------------------------------
-    def log_prediction(self, *, image: Image.Image, probs: np.ndarray, source: str, latency_ms: float,
+    def log_prediction(self, *, data: bytes, stats: dict, probs: np.ndarray, source: str, latency_ms: float,
                        claimed_label: str | None = None) -> str:
-        """Queue a prediction for the background writer and return its id at once (see review.writer)."""
+        """Queue a prediction for the background writer and return its id at once (see review.writer).
+
+        ``data``: the upload's encoded bytes as received (at most settings.max_upload_bytes; the writer decodes,
+        shrinks and stores them in the background); ``stats``: ``model.imageio.image_stats`` of the decoded
+        image, computed by the caller, which has it. The record is in the spool when this returns: the id
+        survives a kill -9 (see review.spool).
+        """
         if self.model_info is None:
             raise ReviewError("this ReviewService was built without a model; it cannot log predictions")
         if source not in SOURCES:
@@ -108,13 +128,15 @@ class ReviewService:
         if probs.shape != (len(self.vocab),):
             raise ReviewError(f"probs has {probs.size} values; the model has {len(self.vocab)} classes")
         self._check_label(claimed_label)
+        # Storing off, or the store full: the upload is not kept anywhere, not even in the queue or the spool.
+        keep = self.settings.store_uploads and self._guard.full is None
         pid = uuid.uuid4().hex
         rec = ingest.PredictionRecord(id=pid, created=self._clock(), source=source,
                                       model_version=self.model_info.version, vocab=self.vocab, probs=probs,
                                       latency_ms=float(latency_ms) if math.isfinite(latency_ms) else 0.0,
-                                      image=image, claimed_label=claimed_label,
-                                      keep_image=self.settings.store_uploads)
-        self._writer.submit(rec, key=pid)
+                                      data=data if keep else None, claimed_label=claimed_label, keep_image=keep,
+                                      stats=stats)
+        self._writer.submit(rec, key=pid, size=len(data) if keep else 0)
         return pid
 
     def record_feedback(self, prediction_id: str, *, correct: bool | None, claimed_label: str | None) -> None:
@@ -133,14 +155,89 @@ class ReviewService:
 
     def _write_batch(self, records: list) -> None:
         preds = [r for r in records if isinstance(r, ingest.PredictionRecord)]
-        images = ingest.store_images(preds, self.store)  # files first: a row never points at a missing file
+        if replayed := [r.id for r in preds if r.replayed]:  # committed before the crash, spool not yet emptied
+            have = set(self.transaction(lambda s: list(s.scalars(select(Prediction.id).where(
+                Prediction.id.in_(replayed)))), read=True))
+            preds = [r for r in preds if r.id not in have]
+        refuse = any(r.data is not None for r in preds) and self._guard.check() is not None
+        stored = ingest.store_images(preds, self.store, refuse=refuse)  # files first: no row without its file
+        self._image_outcome(stored)
         rows, queued = ingest.prediction_rows(preds, self._th)
 
         def fn(session: Session) -> None:
-            ingest.insert_rows(session, images, rows, queued)
+            ingest.insert_rows(session, stored.rows, rows, queued)
             ingest.apply_feedback(session, [r for r in records if isinstance(r, ingest.FeedbackRecord)], self._th)
 
         self.transaction(fn)
+
+    def _image_outcome(self, stored: ingest.StoreOutcome) -> None:
+        """Track whether image files can be written; say so once when that changes (not once per record)."""
+        if stored.error is not None:
+            if self._store_error is None:
+                log.error("cannot write images to %s (%s): predictions are logged without their images until this "
+                          "is fixed", self.store.root, stored.error)
+            self._store_error = f"{type(stored.error).__name__}: {stored.error}"
+        elif stored.stored and self._store_error is not None:
+            log.warning("images are written to %s again", self.store.root)
+            self._store_error = None
+        for row in stored.rows:
+            self._guard.added(row["size_bytes"])
+
+    def _stored_bytes(self) -> int:
+        return int(self.transaction(lambda s: s.scalar(select(func.coalesce(func.sum(StoredImage.size_bytes), 0))),
+                                    read=True))
+
+    def _replay(self, orphans: list[Orphan]) -> Iterator[list]:
+        """Records of dead processes' spools, in batches; each spool is removed once all its batches are written."""
+        vocabs: dict[str, tuple[str, ...] | None] = {}
+
+        def vocab(version: str) -> tuple[str, ...] | None:
+            if version not in vocabs:
+                found = self.transaction(lambda s: s.scalar(select(Model.vocab).where(Model.version == version)),
+                                         read=True)
+                vocabs[version] = tuple(found) if found is not None else None
+            return vocabs[version]
+
+        for orphan in orphans:
+            batch, n = [], 0
+            for meta, data in orphan.records():
+                v = vocab(meta["model_version"]) if meta["kind"] == "prediction" else ()
+                if v is None:
+                    log.error("spool %s: prediction %s of unknown model %s skipped", orphan.dir, meta["id"],
+                              meta["model_version"])
+                    continue
+                batch.append(ingest.from_spool(meta, data, v))
+                n += 1
+                if len(batch) >= 16:
+                    yield batch
+                    batch = []
+            if batch:
+                yield batch
+            log.info("replayed %d records from the spool of a process that did not shut down cleanly (%s)", n,
+                     orphan.dir.name)
+            orphan.remove()
+
+    def health(self) -> dict:
+        """``{"status": "ok"}``, or ``{"status": "degraded", "problems": [...]}`` when predictions are answered but
+        not (fully) logged. Cheap (no database, no locks held for long): /healthz calls it on the event loop."""
+        problems = []
+        if self.model_info is not None and not self._writer.alive:
+            problems.append("the prediction log writer has stopped: predictions are not logged")
+        if self._writer.db_error:
+            problems.append(f"database unavailable, the prediction log is retrying: {self._writer.db_error}")
+        if self._store_error:
+            problems.append(f"images cannot be written to {self.store.root} ({self._store_error}): predictions are "
+                            "logged without their images")
+        if self._guard.full:
+            problems.append(f"image storage full: {self._guard.full}; new images are not stored")
+        if self._spool is not None and self._spool.error:
+            problems.append(f"the prediction spool cannot be written ({self._spool.error}): predictions not yet in "
+                            "the database would be lost in a crash")
+        last_drop = self._writer.last_drop
+        if last_drop is not None and time.monotonic() - last_drop < DROP_REPORT_S:
+            problems.append(f"prediction log queue full: {self._writer.dropped} records dropped so far, the latest "
+                            f"{time.monotonic() - last_drop:.0f} s ago")
+        return {"status": "degraded", "problems": problems} if problems else {"status": "ok"}
 
     def flush(self) -> None:
         """Wait until every prediction logged so far is in the database (tests, CLI, shutdown)."""
@@ -151,6 +248,8 @@ class ReviewService:
             return
         self._closed = True
         self._writer.close()
+        if self._spool is not None:
+            self._spool.close()  # removed if everything reached the database, else kept for the next start
         self.engine.dispose()
         self.read_engine.dispose()
         atexit.unregister(self.close)
@@ -187,8 +286,9 @@ class ReviewService:
 
     def counts(self) -> dict:
         out = self.transaction(lambda s: stats.counts(s, self._clock()), read=True)
-        out.update(log_pending=self._writer.backlog(), log_dropped=self._writer.dropped,
-                   log_failed=self._writer.failed)
+        out.update(log_pending=self._writer.backlog(), log_pending_bytes=self._writer.backlog_bytes(),
+                   log_dropped=self._writer.dropped, log_failed=self._writer.failed,
+                   log_replayed=self._writer.replayed)
         return out
 
     def model_versions(self) -> list[str]:
@@ -196,7 +296,7 @@ class ReviewService:
                                 read=True)
 
     def image_bytes(self, image_sha256: str) -> bytes:
-        """PNG bytes of a stored image. Only for authenticated reviewers: the caller checks that."""
+        """Stored bytes of an image (JPEG or PNG). Only for authenticated reviewers: the caller checks that."""
         return self.store.read(check_sha(image_sha256))
 
     # --- batch jobs (CLI) ------------------------------------------------------------------------------------
@@ -222,9 +322,15 @@ class ReviewService:
         return done
 
     def _insert(self, recs: list, *, replace_prediction: bool = False) -> int:
-        images = ingest.store_images(recs, self.store)
+        if any(r.data is not None for r in recs) and (full := self._guard.check()):
+            raise ReviewError(f"image storage full: {full}")  # a dataset without its images is no use
+        stored = ingest.store_images(recs, self.store)
+        if stored.error is not None:  # a CLI job: fail loudly rather than import a dataset without its images
+            raise stored.error
+        self._image_outcome(stored)
         rows, queued = ingest.prediction_rows(recs, self._th)
-        self.transaction(lambda s: ingest.insert_rows(s, images, rows, queued, replace_prediction=replace_prediction))
+        self.transaction(lambda s: ingest.insert_rows(s, stored.rows, rows, queued,
+                                                      replace_prediction=replace_prediction))
         return len({q["image_sha256"] for q in queued})
 
     def export(self, out_dir: Path, *, folders: bool = False, valid_pct: float = 0.2) -> export.ExportReport:

@@ -8,6 +8,7 @@ gets a fresh database created through it and dropped afterwards. Unset: the vari
 
 from __future__ import annotations
 
+import io
 import os
 import threading
 import uuid
@@ -19,6 +20,7 @@ from PIL import Image
 from sqlalchemy import create_engine
 from sqlalchemy.engine import make_url
 
+from model.imageio import image_stats
 from model.predictor import ModelInfo
 from settings import Settings
 
@@ -122,3 +124,10 @@ def square(rgb: tuple[int, int, int], size: int = 16, mark: int = 0) -> Image.Im
 def probs(*values: float) -> np.ndarray:
     p = np.asarray(values, dtype=np.float32)
     return p / p.sum()
+
+
+def upload(img: Image.Image, fmt: str = "PNG") -> dict:
+    """``log_prediction``'s image arguments for ``img``: the bytes a client would send, and their stats."""
+    buf = io.BytesIO()
+    img.save(buf, fmt)
+    return {"data": buf.getvalue(), "stats": image_stats(img)}

@@ -12,6 +12,7 @@ from review.db import Prediction, QueueEntry
 from review.service import ReviewService
 from settings import Settings
 from tests.browser_support import start_app, wait_for
+from tests.review_fixtures import upload
 
 
 def test_new_model_version_rescores_claimed_labels(tmp_path, demo_predictor):
@@ -21,7 +22,7 @@ def test_new_model_version_rescores_claimed_labels(tmp_path, demo_predictor):
     service = ReviewService.build(settings, old)
     three = Image.open(DEMO_EXAMPLES_DIR / "digit_3.png").convert("RGB")
     # The old model was unsure; a user claimed the label "7" for a clear 3.
-    service.log_prediction(image=three, probs=np.full(10, 0.1, dtype=np.float32), source="upload",
+    service.log_prediction(**upload(three), probs=np.full(10, 0.1, dtype=np.float32), source="upload",
                            latency_ms=1.0, claimed_label="7")
     service.close()
 

@@ -19,7 +19,7 @@ from sqlalchemy import select
 from review.db import Decision, Prediction, StoredImage
 from review.service import ReviewService
 from tests import review_fixtures as rf
-from tests.review_fixtures import MODEL, make_settings, probs, square
+from tests.review_fixtures import MODEL, make_settings, probs, square, upload
 
 services, db_url = rf.services, rf.db_url  # fixtures
 RUNS = 20
@@ -39,7 +39,7 @@ def child(url: str, data_dir: Path, name: str, out: int) -> None:
         while True:
             img = square((r.randrange(256), r.randrange(256), r.randrange(256)), size=r.choice((8, 16, 24)),
                          mark=r.randrange(1, 64))
-            pid = svc.log_prediction(image=img, probs=probs(r.random() + 0.1, r.random(), r.random()),
+            pid = svc.log_prediction(**upload(img), probs=probs(r.random() + 0.1, r.random(), r.random()),
                                      source="upload", latency_ms=1.0)
             if r.random() < 0.2:
                 svc.record_feedback(pid, correct=False, claimed_label=r.choice(MODEL.vocab))

@@ -16,14 +16,14 @@ from review.auth import check_password
 from review.db import Prediction, QueueEntry
 from review.types import ReviewError
 from tests import review_fixtures as rf
-from tests.review_fixtures import MODEL, FakeClock, probs, square
+from tests.review_fixtures import MODEL, FakeClock, probs, square, upload
 
 services, sqlite_url, db_url = rf.services, rf.sqlite_url, rf.db_url  # fixtures
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def log(svc, img, p=None, **kw):
-    pid = svc.log_prediction(image=img, probs=probs(0.5, 0.3, 0.2) if p is None else p, source="upload",
+    pid = svc.log_prediction(**upload(img), probs=probs(0.5, 0.3, 0.2) if p is None else p, source="upload",
                              latency_ms=1, **kw)
     svc.flush()
     return pid

@@ -7,7 +7,7 @@ from sqlalchemy.exc import OperationalError
 
 from review.writer import BackgroundWriter
 from tests import review_fixtures as rf
-from tests.review_fixtures import probs, square
+from tests.review_fixtures import probs, square, upload
 
 services, sqlite_url = rf.services, rf.sqlite_url  # fixtures
 
@@ -84,11 +84,11 @@ def test_a_bad_record_is_isolated_and_counted(caplog):
 
 def test_logging_costs_the_caller_microseconds(services, sqlite_url):
     svc = services(sqlite_url)
-    img, p = square((1, 2, 3), size=224), probs(0.5, 0.3, 0.2)
+    sent, p = upload(square((1, 2, 3), size=224)), probs(0.5, 0.3, 0.2)
     times = []
     for _ in range(200):
         t0 = time.perf_counter()
-        svc.log_prediction(image=img, probs=p, source="api", latency_ms=1.0)
+        svc.log_prediction(**sent, probs=p, source="api", latency_ms=1.0)
         times.append(time.perf_counter() - t0)
     svc.flush()
     p50 = float(np.median(times))
@@ -100,7 +100,7 @@ def test_logging_costs_the_caller_microseconds(services, sqlite_url):
 def test_service_close_flushes(services, sqlite_url, tmp_path):
     svc = services(sqlite_url)
     for i in range(40):
-        svc.log_prediction(image=square((i, 0, 0)), probs=probs(0.9, 0.05, 0.05), source="webcam", latency_ms=1)
+        svc.log_prediction(**upload(square((i, 0, 0))), probs=probs(0.9, 0.05, 0.05), source="webcam", latency_ms=1)
     svc.close()
     again = services(sqlite_url)
     assert again.counts()["predictions"] == 40

@@ -19,6 +19,7 @@ from review.auth import hash_password
 from review.db import Decision, QueueEntry
 from review.service import ReviewService
 from settings import Settings
+from tests.review_fixtures import upload
 from ui.review_auth import auth_fn, hf_auth_dependency, require_reviewer
 from ui.review_keys import shortcut_keys
 from ui.review_tab import (
@@ -54,7 +55,8 @@ def log_items(service: ReviewService, probs_rows) -> None:
     for i, probs in enumerate(probs_rows):
         # distinct images: duplicates share one queue item
         img = Image.new("RGB", (40, 30), (i * 37 % 256, i * 91 % 256, 120))
-        service.log_prediction(image=img, probs=np.asarray(probs, dtype=np.float32), source="upload", latency_ms=5)
+        service.log_prediction(**upload(img), probs=np.asarray(probs, dtype=np.float32), source="upload",
+                               latency_ms=5)
     service.flush()
 
 

@@ -15,7 +15,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import UploadFile
 
 from model.gate import Busy, Gate
-from model.imageio import ImageRejected, decode_image
+from model.imageio import ImageRejected, decode_image, image_stats
 from model.predictor import top_k
 
 MB = 1 << 20
@@ -54,10 +54,12 @@ class ApiHandlers:
             with self.gate.running():
                 img = decode_image(data, max_bytes=self.max_bytes, max_pixels=self.settings.max_pixels)
                 probs = self.predictor.predict_probs([img])[0]
+                stats = image_stats(img)
         except ImageRejected as e:
             return error(422, e.args[0])
+        del img  # logging may wait for room in the log's queue: not while holding the decoded pixels
         latency_ms = (time.perf_counter() - start) * 1000
-        pid = self.service.log_prediction(image=img, probs=probs, source="api", latency_ms=latency_ms)
+        pid = self.service.log_prediction(data=data, stats=stats, probs=probs, source="api", latency_ms=latency_ms)
         vocab = self.predictor.info.vocab
         best = int(probs.argmax())
         return JSONResponse({
@@ -92,8 +94,10 @@ def build_api_router(settings, predictor, service, gate: Gate) -> APIRouter:
 
     @router.get("/healthz")
     async def healthz() -> dict:
-        # Cheap on purpose (Docker HEALTHCHECK polls it): no model call, no database.
-        return {"status": "ok", "model": predictor.info.version}
+        # Cheap on purpose (Docker HEALTHCHECK polls it): no model call, no database. "degraded" stays HTTP 200:
+        # predictions are still answered, only not (fully) logged, and a restart would not fix a full or
+        # read-only disk; monitoring reads the status field and its problems.
+        return {**service.health(), "model": predictor.info.version}
 
     @router.get("/api/v1/model")
     async def model() -> dict:

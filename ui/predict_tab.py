@@ -19,7 +19,7 @@ import gradio as gr
 import numpy as np
 from PIL import Image
 
-from model.imageio import ImageRejected, decode_image
+from model.imageio import ImageRejected, decode_image, image_stats
 from model.predictor import top_k
 from review.types import ReviewError
 
@@ -107,7 +107,8 @@ class PredictHandlers:
     def decode(self, data: bytes) -> Image.Image:
         return decode_image(data, max_bytes=self.max_bytes, max_pixels=self.settings.max_pixels)
 
-    def _decode_payload(self, payload, source: str) -> Image.Image | ImageRejected | None:
+    def _decode_payload(self, payload, source: str) -> tuple[bytes, Image.Image] | ImageRejected | None:
+        """(bytes as received, decoded image), the reason it was refused, or None for no image."""
         try:
             data = self.read(payload)
             if data is None:
@@ -120,24 +121,25 @@ class PredictHandlers:
         if source == "sketch" and img.convert("L").getextrema()[0] > 250:
             # A blank canvas is a valid image, but classifying white paper only adds noise to the log.
             return ImageRejected(EMPTY_CANVAS)
-        return img
+        return data, img
 
     # ---- prediction ----------------------------------------------------------------------
     def classify(self, payloads: list, source: str) -> list[Prediction | ImageRejected | None]:
         """Decode each item, run the model ONCE on all good ones, log each prediction."""
         start = time.perf_counter()
         decoded = [self._decode_payload(p, source) for p in payloads]
-        images = [d for d in decoded if isinstance(d, Image.Image)]
+        images = [d[1] for d in decoded if isinstance(d, tuple)]
         probs = self.predictor.predict_probs(images) if images else None
         latency_ms = (time.perf_counter() - start) * 1000
         rows = iter(probs if probs is not None else ())
         out: list[Prediction | ImageRejected | None] = []
         for d in decoded:
-            if not isinstance(d, Image.Image):
+            if not isinstance(d, tuple):
                 out.append(d)  # rejected or empty: nothing logged, nothing stored
                 continue
             row = next(rows)
-            pid = self.service.log_prediction(image=d, probs=row, source=source, latency_ms=latency_ms)
+            pid = self.service.log_prediction(data=d[0], stats=image_stats(d[1]), probs=row, source=source,
+                                              latency_ms=latency_ms)
             out.append(Prediction(pid, row, self.info.vocab[int(np.argmax(row))], latency_ms))
         return out
 
@@ -169,17 +171,19 @@ class PredictHandlers:
     def stream_frame(self, payload, count: int | None) -> tuple:
         """One live-webcam frame -> (top-k, info, frame count). Logs one frame in ``stream_log_every``."""
         start = time.perf_counter()
-        img = self._decode_payload(payload, "stream")
-        if img is None:  # the stream has not produced a frame yet
+        decoded = self._decode_payload(payload, "stream")
+        if decoded is None:  # the stream has not produced a frame yet
             return gr.skip(), gr.skip(), count
-        if isinstance(img, ImageRejected):
+        if isinstance(decoded, ImageRejected):
             # Raising would end the whole stream over one bad frame; show it and keep going.
-            return None, f"**Frame skipped:** {img.args[0]}", count
+            return None, f"**Frame skipped:** {decoded.args[0]}", count
+        data, img = decoded
         probs = self.predictor.predict_probs([img])[0]
         latency_ms = (time.perf_counter() - start) * 1000
         count = (count or 0) + 1
         if (count - 1) % self.settings.stream_log_every == 0:  # first frame, then every Nth
-            self.service.log_prediction(image=img, probs=probs, source="stream", latency_ms=latency_ms)
+            self.service.log_prediction(data=data, stats=image_stats(img), probs=probs, source="stream",
+                                        latency_ms=latency_ms)
         return top_k(probs, self.info.vocab, self.settings.top_k), self.describe(latency_ms), count
 
     # ---- feedback ------------------------------------------------------------------------
