@@ -29,6 +29,20 @@ def release_freed_memory() -> None:
         pass
 
 
+def unwritable_data_dir(settings) -> str | None:
+    """Why Loupe cannot create files where it must (data dir, images, spool, bundle cache), or None."""
+    import tempfile
+
+    for folder in (settings.data_dir, settings.images_dir, settings.data_dir / "spool", settings.cache_dir):
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+            with tempfile.TemporaryFile(dir=folder):
+                pass
+        except OSError as e:
+            return f"{folder}: {e.strerror or e}"
+    return None
+
+
 def main() -> None:
     release_freed_memory()
     from pydantic import ValidationError
@@ -39,6 +53,13 @@ def main() -> None:
         settings = Settings()
     except ValidationError as e:
         print(f"loupe: invalid configuration (LOUPE_* environment variables):\n{e}", file=sys.stderr)
+        sys.exit(2)
+    if problem := unwritable_data_dir(settings):
+        # Found now, not as a traceback from whichever write comes first (or, worse, predictions answered with
+        # nothing logged).
+        print(f"loupe: the data directory is not writable ({problem}). Loupe keeps its database, images and model "
+              "cache there: fix its permissions or free space, or set LOUPE_DATA_DIR to a writable directory.",
+              file=sys.stderr)
         sys.exit(2)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     log = logging.getLogger("loupe")
@@ -56,11 +77,16 @@ def main() -> None:
              f"; torch fallback: {info.fallback_reason}" if info.fallback_reason else "")
 
     import uvicorn
+    from sqlalchemy.exc import SQLAlchemyError
 
     from review.service import ReviewService
     from ui.server import build_server
 
-    service = ReviewService.build(settings, info)
+    try:
+        service = ReviewService.build(settings, info)
+    except (OSError, SQLAlchemyError) as e:
+        print(f"loupe: cannot open the review database or data directory: {e}", file=sys.stderr)
+        sys.exit(2)
     # A new model version re-scores every image with a known label, so what it now gets confidently wrong
     # reaches the review queue (only images this version has not scored yet: cheap on later starts).
     def rescore() -> None:
