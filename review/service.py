@@ -159,7 +159,10 @@ class ReviewService:
             have = set(self.transaction(lambda s: list(s.scalars(select(Prediction.id).where(
                 Prediction.id.in_(replayed)))), read=True))
             preds = [r for r in preds if r.id not in have]
-        refuse = any(r.data is not None for r in preds) and self._guard.check() is not None
+        # Checked for every batch with an image, and for every batch while full (records then carry no image,
+        # so this is how the store notices that space was freed: a purge, a raised limit).
+        refuse = (any(r.data is not None for r in preds) or self._guard.full is not None) and \
+            self._guard.check() is not None
         stored = ingest.store_images(preds, self.store, refuse=refuse)  # files first: no row without its file
         self._image_outcome(stored)
         rows, queued = ingest.prediction_rows(preds, self._th)
