@@ -57,7 +57,9 @@ class PredictionRecord:
     def spooled(self) -> tuple[dict, bytes | None]:
         """(metadata, payload) for review.spool; ``from_spool`` reverses it."""
         meta = {"kind": "prediction", "id": self.id, "created": self.created.isoformat(), "source": self.source,
-                "model_version": self.model_version, "probs": self.probs.tolist(), "latency_ms": self.latency_ms,
+                # float32 bytes as hex: exact, and 1,000 classes cost microseconds (a JSON list costs ~100x that)
+                "model_version": self.model_version, "probs": self.probs.astype("<f4").tobytes().hex(),
+                "latency_ms": self.latency_ms,
                 "claimed_label": self.claimed_label, "keep_image": self.keep_image, "stats": self.stats}
         return meta, self.data if self.keep_image else None
 
@@ -78,7 +80,8 @@ def from_spool(meta: dict, data: bytes, vocab: tuple[str, ...]) -> PredictionRec
         return FeedbackRecord(meta["prediction_id"], meta["correct"], meta["claimed_label"])
     return PredictionRecord(id=meta["id"], created=datetime.fromisoformat(meta["created"]), source=meta["source"],
                             model_version=meta["model_version"], vocab=vocab,
-                            probs=np.asarray(meta["probs"], dtype=np.float32), latency_ms=meta["latency_ms"],
+                            probs=np.frombuffer(bytes.fromhex(meta["probs"]), dtype="<f4").astype(np.float32),
+                            latency_ms=meta["latency_ms"],
                             data=data or None, claimed_label=meta["claimed_label"], keep_image=meta["keep_image"],
                             stats=meta["stats"], replayed=True)
 
