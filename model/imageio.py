@@ -179,21 +179,24 @@ def _over_white(rgba: np.ndarray) -> np.ndarray:
     return ((colour * alpha + 255 * (255 - alpha) + 127) // 255).astype(np.uint8)
 
 
-def image_stats(img: Image.Image) -> dict:
+def image_stats(img: Image.Image, *, brightness: bool = True) -> dict:
     """``{"width", "height", "brightness"}``; brightness = mean of the L channel / 255.
 
-    Runs on the request path, so its cost must not grow with the image: images larger than 64 px on a side are
-    sampled on a 64 x 64 nearest-neighbour grid (4,096 pixels: a few microseconds, within ~1% of the full mean
-    on photos); smaller ones are measured exactly.
+    Its cost does not grow with the image: images larger than 64 px on a side are sampled on a 64 x 64
+    nearest-neighbour grid (4,096 pixels, within ~1% of the full mean on photos); smaller ones are measured
+    exactly. ``brightness=False``: the size only, which costs nothing (the request path: the prediction log's
+    writer measures brightness in the background).
     """
     width, height = img.size
+    if not brightness:
+        return {"width": width, "height": height}
     small = img
     if width > _STATS_SIDE or height > _STATS_SIDE:
         small = img.resize((min(width, _STATS_SIDE), min(height, _STATS_SIDE)), Image.Resampling.NEAREST)
     if small.mode != "RGB":
         small = to_rgb(small)  # after sampling: alpha over white etc. per pixel, on 4,096 pixels at most
-    brightness = float(np.asarray(small.convert("L")).mean() / 255.0)
-    return {"width": width, "height": height, "brightness": brightness}
+    mean = float(np.asarray(small.convert("L")).mean() / 255.0)
+    return {"width": width, "height": height, "brightness": mean}
 
 
 # Images at most this large are always stored losslessly: digits, sketches, icons (PNG stays small there).
@@ -224,15 +227,12 @@ def encode_for_storage(img: Image.Image, *, max_side: int | None = None, lossles
     return buf.getvalue()
 
 
-def encode_upload_for_storage(data: bytes, *, max_bytes: int, max_pixels: int, max_side: int) -> bytes:
-    """Upload bytes (already accepted once by ``decode_image``) -> ``encode_for_storage`` bytes, decoding JPEGs
-    at reduced scale. Raises ``ImageRejected`` like ``decode_image``."""
+def decode_for_storage(data: bytes, *, max_bytes: int, max_pixels: int, max_side: int) -> tuple[Image.Image, bool]:
+    """Upload bytes (accepted once already by ``decode_image``) -> (image, lossless_source) for
+    ``encode_for_storage``; JPEGs decode at reduced scale. Raises ``ImageRejected`` like ``decode_image``."""
     img = decode_image(data, max_bytes=max_bytes, max_pixels=max_pixels, reduce_to=max_side)
-    return encode_for_storage(img, max_side=max_side, lossless_source=not _lossy_format(data))
-
-
-def _lossy_format(data: bytes) -> bool:
-    return data[:3] == b"\xff\xd8\xff" or (data[:4] == b"RIFF" and data[8:16] == b"WEBPVP8 ")
+    lossy = data[:3] == b"\xff\xd8\xff" or (data[:4] == b"RIFF" and data[8:16] == b"WEBPVP8 ")
+    return img, not lossy
 
 
 def _mb(n: int) -> str:

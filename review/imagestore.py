@@ -24,7 +24,7 @@ from typing import NamedTuple
 
 from PIL import Image
 
-from model.imageio import encode_upload_for_storage
+from model.imageio import decode_for_storage, encode_for_storage
 from review.types import ReviewError
 
 log = logging.getLogger(__name__)
@@ -65,12 +65,16 @@ class ImageStore:
                 return candidate
         return base.with_suffix(".png")
 
-    def put_upload(self, data: bytes) -> Stored:
-        """Decode upload bytes (JPEG at reduced scale), shrink, encode and store them."""
-        stored = encode_upload_for_storage(data, max_bytes=self.max_bytes, max_pixels=self.max_pixels,
-                                           max_side=self.max_side)
-        with Image.open(io.BytesIO(stored)) as img:  # our own bytes; reads the header only
-            width, height = img.size
+    def decode(self, data: bytes) -> tuple[Image.Image, bool]:
+        """Upload bytes -> (image, lossless_source), JPEGs decoded at reduced scale (see ``put_image``)."""
+        return decode_for_storage(data, max_bytes=self.max_bytes, max_pixels=self.max_pixels,
+                                  max_side=self.max_side)
+
+    def put_image(self, img: Image.Image, *, lossless_source: bool) -> Stored:
+        """Shrink to max_side, encode (JPEG for photos, PNG for small or few-colour images) and store."""
+        stored = encode_for_storage(img, max_side=self.max_side, lossless_source=lossless_source)
+        with Image.open(io.BytesIO(stored)) as shrunk:  # our own bytes; reads the header only
+            width, height = shrunk.size
         return Stored(self.put_bytes(stored), len(stored), width, height)
 
     def put_bytes(self, data: bytes) -> str:

@@ -12,7 +12,7 @@ from sqlalchemy import func, or_, select
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
-from model.imageio import ImageRejected
+from model.imageio import ImageRejected, image_stats
 from review import scoring
 from review.db import Model, Prediction, QueueEntry, StoredImage
 from review.imagestore import ImageStore
@@ -44,13 +44,16 @@ class PredictionRecord:
     vocab: tuple[str, ...]
     probs: np.ndarray  # (C,)
     latency_ms: float
-    # The upload's encoded bytes, as received (None: nothing to store; or already stored: image_sha256 given).
+    # The upload's encoded bytes, as received (None: already stored, image_sha256 given; or nothing left).
     # Encoded, not decoded: a 8 MB JPEG is 120 MB of pixels, and records wait in a queue.
     data: bytes | None = field(default=None, repr=False)
     claimed_label: str | None = None
-    keep_image: bool = True  # False when storing uploads is switched off: stats only, no file, no review
+    # False when storing uploads is off or the store is full: no file, no review, and the bytes never reach
+    # the disk (not even the spool); the writer only measures them (brightness) and drops them.
+    keep_image: bool = True
     image_sha256: str | None = None
-    stats: dict = field(default_factory=dict)  # image_stats() of the upload, computed at request time
+    stats: dict = field(default_factory=dict)  # width/height from the request; brightness if missing: the writer
+
     image_row: dict | None = None  # set once the file is written, so a retried batch does not lose it
     replayed: bool = False  # recovered from a dead process's spool: may already be in the database
 
@@ -94,19 +97,27 @@ class StoreOutcome:
 
 
 def store_images(records: list[PredictionRecord], store: ImageStore, *, refuse: bool = False) -> StoreOutcome:
-    """Write each record's image file (idempotent); no database access. ``refuse``: the storage guard says the
+    """Decode each record's upload once: measure what the request path left out (brightness) and write the
+    image file (idempotent) if it is to be kept. No database access. ``refuse``: the storage guard says the
     store is full, so no new file is written. A record whose file cannot be written keeps its prediction row,
     without an image; the caller reports ``error`` (health) instead of losing the prediction."""
     out = StoreOutcome(rows=[])
     for rec in records:
         data, rec.data = rec.data, None  # free the upload as soon as it is dealt with
-        if data is None or not rec.keep_image or refuse:
+        store_it = rec.keep_image and not refuse
+        if data is None or not (store_it or "brightness" not in rec.stats):
             continue
         try:
-            stored = store.put_upload(data)
+            img, lossless_source = store.decode(data)
         except ImageRejected as exc:  # accepted at request time, so limits changed or the bytes are damaged
             log.warning("prediction %s: image not stored: %s", rec.id, exc.args[0])
             continue
+        if "brightness" not in rec.stats:  # JPEGs decode at reduced scale: the mean stays the same
+            rec.stats = {**rec.stats, "brightness": image_stats(img)["brightness"]}
+        if not store_it:
+            continue
+        try:
+            stored = store.put_image(img, lossless_source=lossless_source)
         except OSError as exc:
             out.error = exc
             continue

@@ -116,8 +116,9 @@ class ReviewService:
         """Queue a prediction for the background writer and return its id at once (see review.writer).
 
         ``data``: the upload's encoded bytes as received (at most settings.max_upload_bytes; the writer decodes,
-        shrinks and stores them in the background); ``stats``: ``model.imageio.image_stats`` of the decoded
-        image, computed by the caller, which has it. The record is in the spool when this returns: the id
+        shrinks and stores them in the background). ``stats``: what the caller knows of the decoded image, at
+        least its (EXIF-rotated) width and height: ``image_stats(img, brightness=False)`` costs nothing; a
+        missing brightness is measured by the writer. The record is in the spool when this returns: the id
         survives a kill -9 (see review.spool).
         """
         if self.model_info is None:
@@ -128,15 +129,14 @@ class ReviewService:
         if probs.shape != (len(self.vocab),):
             raise ReviewError(f"probs has {probs.size} values; the model has {len(self.vocab)} classes")
         self._check_label(claimed_label)
-        # Storing off, or the store full: the upload is not kept anywhere, not even in the queue or the spool.
+        # Storing off, or the store full: the upload stays in memory only until the writer has measured it.
         keep = self.settings.store_uploads and self._guard.full is None
         pid = uuid.uuid4().hex
         rec = ingest.PredictionRecord(id=pid, created=self._clock(), source=source,
                                       model_version=self.model_info.version, vocab=self.vocab, probs=probs,
                                       latency_ms=float(latency_ms) if math.isfinite(latency_ms) else 0.0,
-                                      data=data if keep else None, claimed_label=claimed_label, keep_image=keep,
-                                      stats=stats)
-        self._writer.submit(rec, key=pid, size=len(data) if keep else 0)
+                                      data=data, claimed_label=claimed_label, keep_image=keep, stats=stats)
+        self._writer.submit(rec, key=pid, size=len(data))
         return pid
 
     def record_feedback(self, prediction_id: str, *, correct: bool | None, claimed_label: str | None) -> None:

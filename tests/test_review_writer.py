@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 from sqlalchemy.exc import OperationalError
 
+from model.imageio import image_stats
 from review.db import Prediction
 from review.writer import BackgroundWriter
 from tests import review_fixtures as rf
@@ -206,3 +207,18 @@ def test_with_storing_off_the_upload_never_reaches_disk_not_even_the_spool(servi
     gate.set()
     svc.flush()
     assert svc.counts()["predictions"] == 1 and list(svc.store.iter_shas()) == []
+
+
+def test_the_writer_measures_brightness_off_the_request_path_stored_or_not(services, sqlite_url):
+    img = square((200, 10, 10), size=80, mark=3)
+    expected = image_stats(img)["brightness"]
+    for store in (True, False):
+        svc = services(sqlite_url, store_uploads=store)
+        sent = upload(img)
+        pid = svc.log_prediction(data=sent["data"], stats=image_stats(img, brightness=False), probs=probs(1, 1, 1),
+                                 source="api", latency_ms=1)
+        svc.flush()
+        row = svc.transaction(lambda s, pid=pid: s.get(Prediction, pid), read=True)
+        assert (row.width, row.height) == (80, 80) and row.brightness == pytest.approx(expected, abs=1e-6)
+        assert (row.image_sha256 is not None) is store
+        svc.close()

@@ -54,7 +54,7 @@ class ApiHandlers:
             with self.gate.running():
                 img = decode_image(data, max_bytes=self.max_bytes, max_pixels=self.settings.max_pixels)
                 probs = self.predictor.predict_probs([img])[0]
-                stats = image_stats(img)
+                stats = image_stats(img, brightness=False)
         except ImageRejected as e:
             return error(422, e.args[0])
         del img  # logging may wait for room in the log's queue: not while holding the decoded pixels

@@ -138,8 +138,8 @@ class PredictHandlers:
                 out.append(d)  # rejected or empty: nothing logged, nothing stored
                 continue
             row = next(rows)
-            pid = self.service.log_prediction(data=d[0], stats=image_stats(d[1]), probs=row, source=source,
-                                              latency_ms=latency_ms)
+            pid = self.service.log_prediction(data=d[0], stats=image_stats(d[1], brightness=False), probs=row,
+                                              source=source, latency_ms=latency_ms)
             out.append(Prediction(pid, row, self.info.vocab[int(np.argmax(row))], latency_ms))
         return out
 
@@ -182,8 +182,8 @@ class PredictHandlers:
         latency_ms = (time.perf_counter() - start) * 1000
         count = (count or 0) + 1
         if (count - 1) % self.settings.stream_log_every == 0:  # first frame, then every Nth
-            self.service.log_prediction(data=data, stats=image_stats(img), probs=probs, source="stream",
-                                        latency_ms=latency_ms)
+            self.service.log_prediction(data=data, stats=image_stats(img, brightness=False), probs=probs,
+                                        source="stream", latency_ms=latency_ms)
         return top_k(probs, self.info.vocab, self.settings.top_k), self.describe(latency_ms), count
 
     # ---- feedback ------------------------------------------------------------------------
