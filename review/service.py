@@ -61,9 +61,11 @@ class ReviewService:
             self.store.root, used=self._stored_bytes, min_free_bytes=int(settings.min_free_disk_gb * GB),
             max_bytes=int(settings.max_storage_gb * GB) or None)
         self._store_error: str | None = None  # why image files cannot be written, until one is (health)
-        # Only a service that logs (the app) owns a spool; the CLI's maintenance service leaves spools alone.
-        self._spool = Spool(settings.data_dir / "spool") if model_info is not None else None
-        orphans = claim_orphans(settings.data_dir / "spool") if model_info is not None else []
+        # Only a service that logs (the app) owns a spool, and replays those of dead processes (even with the spool
+        # now switched off); the CLI's maintenance service leaves spools alone.
+        spool_dir = settings.data_dir / "spool"
+        self._spool = Spool(spool_dir) if model_info is not None and settings.log_spool else None
+        orphans = claim_orphans(spool_dir) if model_info is not None else []
         self._writer = BackgroundWriter(self._write_batch, maxsize=settings.log_queue_size,
                                         max_bytes=int(settings.log_queue_mb * MB), block_s=settings.log_block_s,
                                         spool=self._spool, replay=self._replay(orphans))

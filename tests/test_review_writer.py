@@ -1,6 +1,7 @@
 import os
 import threading
 import time
+from datetime import UTC, datetime
 
 import numpy as np
 import pytest
@@ -222,3 +223,21 @@ def test_the_writer_measures_brightness_off_the_request_path_stored_or_not(servi
         assert (row.width, row.height) == (80, 80) and row.brightness == pytest.approx(expected, abs=1e-6)
         assert (row.image_sha256 is not None) is store
         svc.close()
+
+
+def test_with_the_spool_off_nothing_is_spooled_but_dead_processes_spools_are_still_replayed(services, sqlite_url,
+                                                                                               tmp_path):
+    from review import ingest
+
+    first = services(sqlite_url)  # registers the model, as the dead process had
+    first.close()
+    rec = ingest.PredictionRecord(id="c" * 32, created=datetime.now(UTC), source="api", model_version=MODEL.version,
+                                  vocab=MODEL.vocab, probs=probs(0.2, 0.3, 0.5), latency_ms=1.0, data=None,
+                                  stats={"width": 16, "height": 16, "brightness": 0.4}, keep_image=False)
+    spool = tmp_path / "data" / "spool"
+    _spool_in_child(spool, [rec.spooled()])
+    svc = services(sqlite_url, log_spool=False)
+    svc.log_prediction(**upload(square((5, 5, 5))), probs=probs(1, 1, 1), source="api", latency_ms=1)
+    svc.flush()
+    assert svc.counts()["predictions"] == 2 and svc.counts()["log_replayed"] == 1
+    assert list(spool.iterdir()) == []  # the orphan is gone and this service made none
