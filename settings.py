@@ -86,7 +86,7 @@ class Settings(BaseSettings):
     min_free_disk_gb: float = Field(default=1.0, ge=0, description="New images are not stored while the data "
                                     "disk has less free space than this.")
     log_spool: bool = Field(default=True, description="Append each prediction to an on-disk spool before its id "
-                            "is returned, so a crash or kill -9 loses none (~10-30 us per prediction); false: "
+                            "is returned, so a crash or kill -9 loses none (one file write per prediction); false: "
                             "predictions not yet in the database (at most LOUPE_LOG_QUEUE_SIZE) die with the process.")
 
     @property
