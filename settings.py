@@ -138,6 +138,20 @@ class Settings(BaseSettings):
         except ReviewError as e:
             raise ValueError(e.args[0]) from None
         return value
+    # --- prediction log: memory, image storage, durability (issue 6) ---------------------------------------
+    log_queue_mb: float = Field(
+        default=64.0, gt=0, description="Upload bytes the prediction log may hold in memory while its writer "
+        "catches up (one upload larger than this is let through alone); beyond it callers wait, then records drop."
+    )
+    store_max_side: int = Field(default=1024, ge=64, description="Stored images are shrunk to fit this many "
+                                "pixels on their longer side (fastai's presizing at 460 px needs less).")
+    max_storage_gb: float = Field(default=10.0, ge=0, description="Cap on the image store; above it new images "
+                                  "are not stored (predictions are still logged). 0: no cap.")
+    min_free_disk_gb: float = Field(default=1.0, ge=0, description="New images are not stored while the data "
+                                    "disk has less free space than this.")
+    log_spool: bool = Field(default=True, description="Append each prediction to an on-disk spool before its id "
+                            "is returned, so a crash or kill -9 loses none (one file write per prediction); false: "
+                            "predictions not yet in the database (at most LOUPE_LOG_QUEUE_SIZE) die with the process.")
 
     @property
     def hf_sign_in(self) -> bool:

@@ -4,7 +4,8 @@ Layout of ``out_dir``:
 * ``labels.csv`` - ``fname,label,is_valid``; ``ImageDataLoaders.from_csv(out_dir, valid_col='is_valid')`` loads it
   as is (fname is relative to out_dir). ``is_valid`` is a hash of the image sha256, so the split is stable
   across exports: an image never moves from valid to train when more reviews arrive.
-* ``images/<sha>.png`` or, with ``folders=True``, ``<label>/<sha>.png`` (fastai's ``parent_label`` layout too).
+* ``images/<sha>.jpg|.png`` or, with ``folders=True``, ``<label>/<sha>.jpg|.png`` (fastai's ``parent_label``
+  layout too); the extension is the stored format's (JPEG for photos, PNG for small or few-colour images).
 * ``excluded.csv`` - ``image_sha256,reason,reviewers``: out_of_domain, bad_image, second-opinion disagreements
   (neither label is trustworthy) and decided items whose image was purged (image_missing).
 * ``decisions.jsonl`` - every decision ever recorded, undos and skips included, oldest first (the audit trail).
@@ -56,9 +57,10 @@ def export_reviewed(session: Session, store: ImageStore, out_dir: Path, *, folde
         w = csv.writer(f)
         w.writerow(["fname", "label", "is_valid"])
         for (sha, label), is_valid in zip(labelled, valid_mask, strict=True):
-            rel = Path(_safe_folder(label) if folders else "images") / f"{sha}.png"
+            src = store.path(sha)  # <sha>.jpg or <sha>.png: the name keeps the stored format's extension
+            rel = Path(_safe_folder(label) if folders else "images") / src.name
             (out_dir / rel.parent).mkdir(exist_ok=True)
-            shutil.copyfile(store.path(sha), out_dir / rel)
+            shutil.copyfile(src, out_dir / rel)
             w.writerow([rel.as_posix(), label, bool(is_valid)])
     with open(out_dir / "excluded.csv", "w", newline="") as f:
         w = csv.writer(f)

@@ -1,26 +1,37 @@
-"""Content-addressed image files: ``<root>/<sha[:2]>/<sha>.png``, written atomically, never overwritten.
+"""Content-addressed image files: ``<root>/<sha[:2]>/<sha>.jpg|.png``, written atomically, never overwritten.
 
-The bytes are ``serving.imageio.encode_for_storage(img)`` (lossless PNG, all metadata stripped), so the same pixels
-always give the same name and duplicates are stored once. Files are written BEFORE their database row: a crash
-can leave an orphan file (``review reconcile`` finds it), never a row without its file.
+The bytes are ``serving.imageio.encode_for_storage``'s: shrunk to ``LOUPE_STORE_MAX_SIDE``, metadata-free (no
+EXIF/GPS/ICC), JPEG for photos and lossless PNG for small or few-colour images; deterministic, so one upload
+always gives one name and duplicates are stored once. Files are written BEFORE their database row: a crash can
+leave an orphan file (``review reconcile`` finds it), never a row without its file.
+
+``StorageGuard`` caps the store (``LOUPE_MAX_STORAGE_GB``) and keeps ``LOUPE_MIN_FREE_DISK_GB`` free on its disk.
 """
 
 from __future__ import annotations
 
 import hashlib
+import io
+import logging
 import os
 import re
+import shutil
 import tempfile
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import NamedTuple
 
 from PIL import Image
 
 from review.types import ReviewError
-from serving.imageio import encode_for_storage
+from serving.imageio import decode_for_storage, encode_for_storage
 
+log = logging.getLogger(__name__)
 _SHA = re.compile(r"[0-9a-f]{64}")
 TMP_SUFFIX = ".tmp"
+SUFFIXES = (".jpg", ".png")  # what encode_for_storage writes; the first is looked up first
+GB = 1 << 30
 
 
 def check_sha(sha: str) -> str:
@@ -30,23 +41,45 @@ def check_sha(sha: str) -> str:
     return sha
 
 
+class Stored(NamedTuple):
+    sha256: str
+    size_bytes: int
+    width: int  # of the stored image (shrunk to fit max_side), not of the upload
+    height: int
+
+
 class ImageStore:
-    def __init__(self, root: Path):
+    def __init__(self, root: Path, *, max_side: int = 1024, max_bytes: int = 10 << 20,
+                 max_pixels: int = 40_000_000):
         self.root = Path(root)
         self.root.mkdir(parents=True, exist_ok=True)
+        self.max_side, self.max_bytes, self.max_pixels = max_side, max_bytes, max_pixels
 
     def path(self, sha: str) -> Path:
+        """Where the image is; for an image not stored, where it would be as a PNG."""
         check_sha(sha)
-        return self.root / sha[:2] / f"{sha}.png"
+        base = self.root / sha[:2] / sha
+        for suffix in SUFFIXES:
+            candidate = base.with_suffix(suffix)
+            if candidate.exists():
+                return candidate
+        return base.with_suffix(".png")
 
-    def put_image(self, img: Image.Image) -> tuple[str, int]:
-        """Encode and store; returns (sha256, size in bytes)."""
-        data = encode_for_storage(img)
-        return self.put_bytes(data), len(data)
+    def decode(self, data: bytes) -> tuple[Image.Image, bool]:
+        """Upload bytes -> (image, lossless_source), JPEGs decoded at reduced scale (see ``put_image``)."""
+        return decode_for_storage(data, max_bytes=self.max_bytes, max_pixels=self.max_pixels,
+                                  max_side=self.max_side)
+
+    def put_image(self, img: Image.Image, *, lossless_source: bool) -> Stored:
+        """Shrink to max_side, encode (JPEG for photos, PNG for small or few-colour images) and store."""
+        stored = encode_for_storage(img, max_side=self.max_side, lossless_source=lossless_source)
+        with Image.open(io.BytesIO(stored)) as shrunk:  # our own bytes; reads the header only
+            width, height = shrunk.size
+        return Stored(self.put_bytes(stored), len(stored), width, height)
 
     def put_bytes(self, data: bytes) -> str:
         sha = hashlib.sha256(data).hexdigest()
-        final = self.path(sha)
+        final = self.root / sha[:2] / (sha + (".jpg" if data[:3] == b"\xff\xd8\xff" else ".png"))
         try:
             # Content-addressed: an existing file already holds exactly these bytes. Refresh its mtime anyway:
             # reconcile deletes only orphans older than its grace period, and this file's row is on its way.
@@ -87,9 +120,8 @@ class ImageStore:
     def iter_shas(self) -> Iterator[str]:
         for sub in sorted(self.root.iterdir()):
             if sub.is_dir() and len(sub.name) == 2:
-                for f in sorted(sub.glob("*.png")):
-                    if _SHA.fullmatch(f.stem) and f.stem[:2] == sub.name:
-                        yield f.stem
+                names = {f.stem for f in sub.iterdir() if f.suffix in SUFFIXES}
+                yield from sorted(n for n in names if _SHA.fullmatch(n) and n[:2] == sub.name)
 
     def iter_temp_files(self) -> Iterator[Path]:
         """Leftovers of writes interrupted by a crash (never referenced by any row)."""
@@ -102,3 +134,49 @@ def _fsync_dir(path: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+class StorageGuard:
+    """Refuse new images while the store is over its cap or its disk is nearly full.
+
+    The writer asks ``check()`` before storing; the request path reads ``full`` (a plain attribute) to leave the
+    upload out of the log record at once. Entering and leaving the full state are logged once each, never per
+    request. ``used`` (the images table's total size) is re-read every ``resync_s``: a purge run by the CLI frees
+    space this process did not see.
+    """
+
+    def __init__(self, root: Path, *, max_bytes: int | None, min_free_bytes: int, used: Callable[[], int],
+                 resync_s: float = 60.0):
+        self.root = Path(root)
+        self.max_bytes, self.min_free_bytes = max_bytes, min_free_bytes
+        self._used_fn, self._resync_s = used, resync_s
+        self.used = used()
+        self._synced = time.monotonic()
+        self.full: str | None = None  # why new images are refused, or None
+
+    def added(self, size: int) -> None:
+        self.used += size
+
+    def check(self) -> str | None:
+        if time.monotonic() - self._synced > self._resync_s:
+            try:
+                self.used = self._used_fn()
+            except Exception:  # the database is down: keep counting from the last known total
+                log.warning("image store size not re-read (database unavailable?)", exc_info=True)
+            self._synced = time.monotonic()
+        reason = None
+        if self.max_bytes is not None and self.used >= self.max_bytes:
+            reason = (f"the image store holds {self.used / GB:.2f} GB, its cap (LOUPE_MAX_STORAGE_GB) is "
+                      f"{self.max_bytes / GB:.2f} GB")
+        else:
+            free = shutil.disk_usage(self.root).free
+            if free < self.min_free_bytes:
+                reason = (f"{free / GB:.2f} GB free on the disk of {self.root}, below LOUPE_MIN_FREE_DISK_GB "
+                          f"({self.min_free_bytes / GB:.2f} GB)")
+        if reason and not self.full:
+            log.error("image storage full: %s. New images are NOT stored (predictions are still logged) until "
+                      "space is freed (python -m review purge) or the limit is raised.", reason)
+        elif self.full and not reason:
+            log.warning("image storage has room again: new images are stored")
+        self.full = reason
+        return reason

@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
+import logging
 import math
 from dataclasses import dataclass, field
 from datetime import datetime
 
 import numpy as np
-from PIL import Image
 from sqlalchemy import func, or_, select
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
@@ -16,7 +16,9 @@ from review import scoring
 from review.db import Model, Prediction, QueueEntry, StoredImage
 from review.imagestore import ImageStore
 from review.types import DATASET, HIGH_LOSS, REASONS, USER_FLAGGED
-from serving.imageio import image_stats
+from serving.imageio import ImageRejected, image_stats
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -42,16 +44,31 @@ class PredictionRecord:
     vocab: tuple[str, ...]
     probs: np.ndarray  # (C,)
     latency_ms: float
-    image: Image.Image | None = None  # None: already stored (image_sha256 + stats given)
+    # The upload's encoded bytes, as received (None: already stored, image_sha256 given; or nothing left).
+    # Encoded, not decoded: a 8 MB JPEG is 120 MB of pixels, and records wait in a queue.
+    data: bytes | None = field(default=None, repr=False)
     claimed_label: str | None = None
-    keep_image: bool = True  # False when storing uploads is switched off: stats only, no file, no review
+    # False when storing uploads is off or the store is full: no file, no review, and the bytes never reach
+    # the disk (not even the spool); the writer only measures them (brightness) and drops them.
+    keep_image: bool = True
     image_sha256: str | None = None
-    stats: dict = field(default_factory=dict)
+    stats: dict = field(default_factory=dict)  # width/height from the request; brightness if missing: the writer
+
     image_row: dict | None = None  # set once the file is written, so a retried batch does not lose it
     # Dataset audits (review.audit): the label's quality score; the item is queued (reason "dataset") iff
     # label_issue, with a priority that follows the score, instead of by the high-loss threshold.
     label_quality: float | None = None
     label_issue: bool = False
+    replayed: bool = False  # recovered from a dead process's spool: may already be in the database
+
+    def spooled(self) -> tuple[dict, bytes | None]:
+        """(metadata, payload) for review.spool; ``from_spool`` reverses it."""
+        meta = {"kind": "prediction", "id": self.id, "created": self.created.isoformat(), "source": self.source,
+                # float32 bytes as hex: exact, and 1,000 classes cost microseconds (a JSON list costs ~100x that)
+                "model_version": self.model_version, "probs": self.probs.astype("<f4").tobytes().hex(),
+                "latency_ms": self.latency_ms,
+                "claimed_label": self.claimed_label, "keep_image": self.keep_image, "stats": self.stats}
+        return meta, self.data if self.keep_image else None
 
 
 @dataclass(frozen=True)
@@ -60,19 +77,60 @@ class FeedbackRecord:
     correct: bool | None
     claimed_label: str | None
 
+    def spooled(self) -> tuple[dict, None]:
+        return {"kind": "feedback", "prediction_id": self.prediction_id, "correct": self.correct,
+                "claimed_label": self.claimed_label}, None
 
-def store_images(records: list[PredictionRecord], store: ImageStore) -> list[dict]:
-    """Write each record's image file (idempotent) and return the image rows; no database access."""
+
+def from_spool(meta: dict, data: bytes, vocab: tuple[str, ...]) -> PredictionRecord | FeedbackRecord:
+    if meta["kind"] == "feedback":
+        return FeedbackRecord(meta["prediction_id"], meta["correct"], meta["claimed_label"])
+    return PredictionRecord(id=meta["id"], created=datetime.fromisoformat(meta["created"]), source=meta["source"],
+                            model_version=meta["model_version"], vocab=vocab,
+                            probs=np.frombuffer(bytes.fromhex(meta["probs"]), dtype="<f4").astype(np.float32),
+                            latency_ms=meta["latency_ms"],
+                            data=data or None, claimed_label=meta["claimed_label"], keep_image=meta["keep_image"],
+                            stats=meta["stats"], replayed=True)
+
+
+@dataclass
+class StoreOutcome:
+    rows: list[dict]  # image rows to insert
+    stored: int = 0  # files written (or found already there)
+    error: OSError | None = None  # the last failure to write a file (an unwritable or full disk)
+
+
+def store_images(records: list[PredictionRecord], store: ImageStore, *, refuse: bool = False) -> StoreOutcome:
+    """Decode each record's upload once: measure what the request path left out (brightness) and write the
+    image file (idempotent) if it is to be kept. No database access. ``refuse``: the storage guard says the
+    store is full, so no new file is written. A record whose file cannot be written keeps its prediction row,
+    without an image; the caller reports ``error`` (health) instead of losing the prediction."""
+    out = StoreOutcome(rows=[])
     for rec in records:
-        if rec.image is None:
+        data, rec.data = rec.data, None  # free the upload as soon as it is dealt with
+        store_it = rec.keep_image and not refuse
+        if data is None or not (store_it or "brightness" not in rec.stats):
             continue
-        rec.stats = image_stats(rec.image)
-        if rec.keep_image:
-            rec.image_sha256, size = store.put_image(rec.image)
-            rec.image_row = {"sha256": rec.image_sha256, "width": rec.stats["width"],
-                             "height": rec.stats["height"], "size_bytes": size, "created": rec.created}
-        rec.image = None  # the file is the copy now; free the pixels early
-    return [rec.image_row for rec in records if rec.image_row is not None]
+        try:
+            img, lossless_source = store.decode(data)
+        except ImageRejected as exc:  # accepted at request time, so limits changed or the bytes are damaged
+            log.warning("prediction %s: image not stored: %s", rec.id, exc.args[0])
+            continue
+        if "brightness" not in rec.stats:  # JPEGs decode at reduced scale: the mean stays the same
+            rec.stats = {**rec.stats, "brightness": image_stats(img)["brightness"]}
+        if not store_it:
+            continue
+        try:
+            stored = store.put_image(img, lossless_source=lossless_source)
+        except OSError as exc:
+            out.error = exc
+            continue
+        out.stored += 1
+        rec.image_sha256 = stored.sha256
+        rec.image_row = {"sha256": stored.sha256, "width": stored.width, "height": stored.height,
+                         "size_bytes": stored.size_bytes, "created": rec.created}
+    out.rows = [rec.image_row for rec in records if rec.image_row is not None]
+    return out
 
 
 def prediction_rows(records: list[PredictionRecord], th: Thresholds) -> tuple[list[dict], list[dict]]:

@@ -53,8 +53,9 @@ def rescore_records(items: Sequence[tuple[str, str, dict]], store: ImageStore, p
     for sha, label, st in items:
         if not store.exists(sha):
             continue
-        with Image.open(io.BytesIO(store.read(sha))) as im:
-            images.append(im.convert("RGB"))  # our own lossless PNG: no untrusted decoding involved
+        # our own PNG or JPEG (shrunk to store_max_side): no untrusted decoding involved
+        with Image.open(io.BytesIO(store.read(sha)), formats=["PNG", "JPEG"]) as im:
+            images.append(im.convert("RGB"))
         kept.append((sha, label, st))
     if not kept:
         return [], len(items)

@@ -17,7 +17,7 @@ import numpy as np
 from PIL import Image
 
 from model.predictor import ModelInfo, top_k
-from serving.imageio import ImageRejected, decode_image
+from serving.imageio import ImageRejected, decode_image, image_stats
 from serving.router import ModelRouter
 
 # Sources whose blank (near-white) image means "nothing there yet", not a picture of white paper.
@@ -55,8 +55,13 @@ Result = Answer | ImageRejected | None
 
 
 class PredictionLog(Protocol):
-    def log_prediction(self, *, model: ModelInfo, data: bytes, image: Image.Image, probs: np.ndarray, source: str,
+    def log_prediction(self, *, model: ModelInfo, data: bytes, stats: dict, probs: np.ndarray, source: str,
                        latency_ms: float, claimed_label: str | None = None) -> str: ...
+
+
+def stats(img: Image.Image) -> dict:
+    """What the request knows of the decoded image for the log, at no cost (the writer measures the rest)."""
+    return image_stats(img, brightness=False)
 
 
 class Pipeline:
@@ -99,15 +104,19 @@ class Pipeline:
             for i, row in zip(idx, model.predict_probs([decoded[i] for i in idx]), strict=True):
                 answered[i] = (model, row)
         latency_ms = (time.perf_counter() - start) * 1000
+        # Logging may wait for room in the log's queue: not while holding decoded pixels (a 40-megapixel upload is
+        # ~120 MB of them). The log gets the bytes as received and the sizes; its writer does the rest.
+        results = [stats(d) if isinstance(d, Image.Image) else d for d in decoded]
+        del decoded
         out: list[Result] = []
-        for i, (item, img) in enumerate(zip(items, decoded, strict=True)):
+        for i, (item, result) in enumerate(zip(items, results, strict=True)):
             if i not in answered:
-                out.append(img)  # rejected or empty: nothing logged, nothing stored
+                out.append(result)  # rejected or empty: nothing logged, nothing stored
                 continue
             model, row = answered[i]
             pid = None
             if item.log:
-                pid = self.log.log_prediction(model=model.info, data=item.data, image=img, probs=row,
+                pid = self.log.log_prediction(model=model.info, data=item.data, stats=result, probs=row,
                                               source=item.source, latency_ms=latency_ms,
                                               claimed_label=item.claimed_label)
             out.append(Answer(row, model.info, latency_ms, pid, top_k(row, model.info.vocab, self.top_k)))

@@ -76,8 +76,10 @@ class AppProcess:
 
 
 def start_app(data_dir: Path, env: Mapping[str, str] | None = None, *, timeout: float = 120,
-              args: Iterable[str] = ()) -> AppProcess:
-    """Start the app with a temporary data dir and ``LOUPE_*`` settings; wait until /healthz answers."""
+              args: Iterable[str] = (), prefix: Iterable[str] = ()) -> AppProcess:
+    """Start the app with a temporary data dir and ``LOUPE_*`` settings; wait until /healthz answers.
+
+    ``prefix``: a command the app runs under (e.g. ``setpriv`` dropping root's permission overrides)."""
     port = free_port()
     data_dir = Path(data_dir)
     data_dir.mkdir(parents=True, exist_ok=True)
@@ -87,7 +89,7 @@ def start_app(data_dir: Path, env: Mapping[str, str] | None = None, *, timeout: 
     full_env.update(env or {})
     log_path = data_dir.parent / f"{data_dir.name}-app.log"
     with open(log_path, "wb") as log:
-        proc = subprocess.Popen([sys.executable, str(REPO / "app.py"), *args], cwd=REPO, env=full_env,
+        proc = subprocess.Popen([*prefix, sys.executable, str(REPO / "app.py"), *args], cwd=REPO, env=full_env,
                                 stdout=log, stderr=subprocess.STDOUT)
     app = AppProcess(f"http://127.0.0.1:{port}", data_dir, proc, log_path, full_env)
     deadline = time.monotonic() + timeout

@@ -8,6 +8,7 @@ gets a fresh database created through it and dropped afterwards. Unset: the vari
 
 from __future__ import annotations
 
+import io
 import os
 import threading
 import uuid
@@ -23,6 +24,7 @@ from sqlalchemy.engine import make_url
 from model.predictor import ModelInfo
 from review.desk import ReviewDesk
 from review.store import ReviewStore
+from serving.imageio import image_stats
 from settings import Settings
 
 PG_ENV = "LOUPE_TEST_PG_URL"
@@ -124,7 +126,8 @@ class FakePredictor:
 
 
 def build_kit(settings: Settings, model: ModelInfo | None = MODEL, clock=None) -> Kit:
-    store = ReviewStore(settings, **({"clock": clock} if clock else {}))
+    # Spooled like the app's store: a test that kills a process must find every acknowledged record.
+    store = ReviewStore(settings, spool=model is not None, **({"clock": clock} if clock else {}))
     if model is not None:
         store.register_model(model)
     return Kit(store, ReviewDesk(store), model)
@@ -156,3 +159,10 @@ def square(rgb: tuple[int, int, int], size: int = 16, mark: int = 0) -> Image.Im
 def probs(*values: float) -> np.ndarray:
     p = np.asarray(values, dtype=np.float32)
     return p / p.sum()
+
+
+def upload(img: Image.Image, fmt: str = "PNG") -> dict:
+    """``log_prediction``'s image arguments for ``img``: the bytes a client would send, and their stats."""
+    buf = io.BytesIO()
+    img.save(buf, fmt)
+    return {"data": buf.getvalue(), "stats": image_stats(img)}

@@ -11,7 +11,7 @@ from model.predictor import ModelInfo
 from review.db import Prediction, QueueEntry
 from settings import Settings
 from tests.browser_support import start_app, wait_for
-from tests.review_fixtures import build_kit
+from tests.review_fixtures import build_kit, upload
 
 
 def test_new_model_version_rescores_claimed_labels(tmp_path, demo_predictor):
@@ -21,8 +21,8 @@ def test_new_model_version_rescores_claimed_labels(tmp_path, demo_predictor):
     service = build_kit(settings, old)
     three = Image.open(DEMO_EXAMPLES_DIR / "digit_3.png").convert("RGB")
     # The old model was unsure; a user claimed the label "7" for a clear 3.
-    service.log(image=three, probs=np.full(10, 0.1, dtype=np.float32), source="upload", latency_ms=1.0,
-                claimed_label="7")
+    service.log(**upload(three), probs=np.full(10, 0.1, dtype=np.float32), source="upload",
+                           latency_ms=1.0, claimed_label="7")
     service.store.close()
 
     app = start_app(data)

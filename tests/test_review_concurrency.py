@@ -8,7 +8,7 @@ from sqlalchemy import func, select
 
 from review.db import Decision, Prediction
 from tests import review_fixtures as rf
-from tests.review_fixtures import probs, square
+from tests.review_fixtures import probs, square, upload
 
 services, db_url = rf.services, rf.db_url  # fixtures
 
@@ -37,7 +37,7 @@ def run_threads(targets, timeout=60):
 
 def fill(svc, n, start=0):
     for i in range(start, start + n):
-        svc.log(image=square((i % 256, i // 256, 7), mark=1), probs=probs(0.5, 0.3, 0.2),
+        svc.log(**upload(square((i % 256, i // 256, 7), mark=1)), probs=probs(0.5, 0.3, 0.2),
                            source="api", latency_ms=1.0)
     svc.store.flush()
 
@@ -98,7 +98,7 @@ def test_eight_loggers_and_four_reviewers(services, db_url):
         def run():
             for i in range(per_logger):
                 n = k * per_logger + i
-                pid = svc.log(image=square((n % 256, 9, n // 256), size=12), probs=probs(0.5, 0.3, 0.2),
+                pid = svc.log(**upload(square((n % 256, 9, n // 256), size=12)), probs=probs(0.5, 0.3, 0.2),
                                          source="upload", latency_ms=2.0)
                 if i % 5 == 0:
                     svc.store.record_feedback(pid, correct=False, claimed_label="blue")

@@ -4,14 +4,14 @@ from sqlalchemy import func, select
 from review.db import Decision
 from review.types import ReviewError, UnknownItem
 from tests import review_fixtures as rf
-from tests.review_fixtures import probs, square
+from tests.review_fixtures import probs, square, upload
 
 services, sqlite_url, db_url = rf.services, rf.sqlite_url, rf.db_url  # fixtures
 
 
 def queued(svc, n, **kw):
     for i in range(n):
-        svc.log(image=square((10 * i, 50, 50), mark=i + 1), probs=probs(0.5, 0.4, 0.1),
+        svc.log(**upload(square((10 * i, 50, 50), mark=i + 1)), probs=probs(0.5, 0.4, 0.1),
                            source="upload", latency_ms=1.0, **kw)
     svc.store.flush()
 

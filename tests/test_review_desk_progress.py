@@ -7,13 +7,13 @@ import csv
 
 from review import jobs
 from tests import review_fixtures as rf
-from tests.review_fixtures import probs, square
+from tests.review_fixtures import probs, square, upload
 
 services, sqlite_url, db_url = rf.services, rf.sqlite_url, rf.db_url  # fixtures
 
 
 def log(svc, i: int, p, **kw) -> None:
-    svc.log(image=square((10 * i, 50, 50), mark=i + 1), probs=probs(*p), source="upload", latency_ms=1.0, **kw)
+    svc.log(**upload(square((10 * i, 50, 50), mark=i + 1)), probs=probs(*p), source="upload", latency_ms=1.0, **kw)
 
 
 def test_progress_counts_what_is_left_for_this_reviewer(services, db_url):

@@ -8,7 +8,7 @@ import pytest
 from review import jobs
 from review.types import ReviewError
 from tests import review_fixtures as rf
-from tests.review_fixtures import probs, square
+from tests.review_fixtures import probs, square, upload
 
 services, sqlite_url = rf.services, rf.sqlite_url  # fixtures
 
@@ -22,7 +22,7 @@ def reviewed_service(services, url, n_per_class=9):
         for cls, rgb in COLOURS.items():
             # the model is unsure and sometimes wrong: predicts red for every third image
             p = probs(0.5, 0.3, 0.2) if i % 3 == 0 else probs(*(0.5 if c == cls else 0.25 for c in COLOURS))
-            svc.log(image=square(rgb, size=32, mark=i + 1), probs=p, source="upload", latency_ms=1)
+            svc.log(**upload(square(rgb, size=32, mark=i + 1)), probs=p, source="upload", latency_ms=1)
     svc.store.flush()
     outcome = {}
     n = 0

@@ -18,14 +18,14 @@ from review.auth import check_password
 from review.db import Prediction, QueueEntry
 from review.types import ReviewError
 from tests import review_fixtures as rf
-from tests.review_fixtures import MODEL, FakeClock, FakePredictor, probs, square
+from tests.review_fixtures import MODEL, FakeClock, FakePredictor, probs, square, upload
 
 services, sqlite_url, db_url = rf.services, rf.sqlite_url, rf.db_url  # fixtures
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def log(svc, img, p=None, **kw):
-    pid = svc.log(image=img, probs=probs(0.5, 0.3, 0.2) if p is None else p, source="upload",
+    pid = svc.log(**upload(img), probs=probs(0.5, 0.3, 0.2) if p is None else p, source="upload",
                              latency_ms=1, **kw)
     svc.store.flush()
     return pid
@@ -153,3 +153,21 @@ def test_cli_hash_password_subprocess():
     out = subprocess.run([sys.executable, "-m", "review", "hash-password"], input="s3cret\n", text=True,
                          capture_output=True, cwd=ROOT, timeout=60, check=True).stdout.strip()
     assert out.startswith("pbkdf2_sha256$") and check_password("s3cret", out) and not check_password("x", out)
+
+
+def test_storage_guard_says_full_once_and_notices_freed_space(tmp_path, caplog):
+    from review.imagestore import StorageGuard
+
+    used = [0]
+    guard = StorageGuard(tmp_path, max_bytes=1000, min_free_bytes=0, used=lambda: used[0], resync_s=0)
+    assert guard.check() is None
+    guard.added(1200)
+    used[0] = 1200  # what the images table says
+    for _ in range(3):
+        assert "its cap" in guard.check()
+    assert caplog.text.count("image storage full") == 1  # one line, however many checks
+    used[0] = 0  # a purge elsewhere (the CLI) freed the store
+    assert guard.check() is None and guard.full is None
+    assert "room again" in caplog.text
+    assert "free on the disk" in StorageGuard(tmp_path, max_bytes=None, min_free_bytes=1 << 60,
+                                              used=lambda: 0).check()

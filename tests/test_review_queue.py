@@ -6,7 +6,7 @@ from PIL import Image
 
 from review.types import ReviewError, UnknownPrediction
 from tests import review_fixtures as rf
-from tests.review_fixtures import MODEL, FakeClock, probs, square
+from tests.review_fixtures import MODEL, FakeClock, probs, square, upload
 
 services, sqlite_url = rf.services, rf.sqlite_url  # fixtures
 
@@ -14,7 +14,7 @@ RED, GREEN, BLUE = (200, 0, 0), (0, 200, 0), (0, 0, 200)
 
 
 def log(svc, img, p, **kw):
-    return svc.log(image=img, probs=p, source="upload", latency_ms=3.0, **kw)
+    return svc.log(**upload(img), probs=p, source="upload", latency_ms=3.0, **kw)
 
 
 def drain(svc, reviewer="alice", **filters):
@@ -158,7 +158,7 @@ def test_log_prediction_validates(services, sqlite_url):
     with pytest.raises(ReviewError, match="classes"):
         log(svc, square(RED), probs(0.5, 0.5))
     with pytest.raises(ReviewError, match="source"):
-        svc.log(image=square(RED), probs=probs(1, 1, 1), source="fax", latency_ms=1)
+        svc.log(**upload(square(RED)), probs=probs(1, 1, 1), source="fax", latency_ms=1)
     with pytest.raises(ReviewError, match="not one of"):
         log(svc, square(RED), probs(1, 1, 1), claimed_label="purple")
 

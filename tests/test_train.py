@@ -11,7 +11,7 @@ import pytest
 from model import train as T
 from review import scoring
 from tests import review_fixtures as rf
-from tests.review_fixtures import probs, square
+from tests.review_fixtures import probs, square, upload
 
 services, sqlite_url = rf.services, rf.sqlite_url  # fixtures
 
@@ -80,9 +80,9 @@ def test_training_data_applies_reviews_and_user_confirmations(services, sqlite_u
     second = kit.desk.next_item("alice")
     kit.desk.decide("alice", second.item_id, action="out_of_domain", label=None, idempotency_key="2")
     # traffic: one upload a reviewer settles, one a user confirms, one a user only claims (unverified: not used)
-    reviewed_id = kit.log(image=square((1, 2, 3)), probs=probs(0.5, 0.3, 0.2), source="upload", latency_ms=1)
-    confirmed_id = kit.log(image=square((4, 5, 6)), probs=probs(0.1, 0.8, 0.1), source="upload", latency_ms=1)
-    claimed_id = kit.log(image=square((7, 8, 9)), probs=probs(0.1, 0.8, 0.1), source="upload", latency_ms=1)
+    reviewed_id = kit.log(**upload(square((1, 2, 3))), probs=probs(0.5, 0.3, 0.2), source="upload", latency_ms=1)
+    confirmed_id = kit.log(**upload(square((4, 5, 6))), probs=probs(0.1, 0.8, 0.1), source="upload", latency_ms=1)
+    claimed_id = kit.log(**upload(square((7, 8, 9))), probs=probs(0.1, 0.8, 0.1), source="upload", latency_ms=1)
     kit.store.flush()
     kit.store.record_feedback(confirmed_id, correct=True, claimed_label=None)
     kit.store.record_feedback(claimed_id, correct=False, claimed_label="blue")

@@ -18,7 +18,7 @@ from model.predictor import ModelInfo
 from review.auth import hash_password
 from review.db import Decision, QueueEntry
 from settings import Settings
-from tests.review_fixtures import Kit, build_kit
+from tests.review_fixtures import Kit, build_kit, upload
 from ui.review_auth import auth_fn, hf_auth_dependency, require_reviewer
 from ui.review_keys import action_keys, class_hint, key_label, keymap, keys_line, shortcut_keys
 from ui.review_tab import ReviewHandlers, Screen, build_review_app, review_mount_options
@@ -49,7 +49,8 @@ def log_items(service: Kit, probs_rows) -> None:
     for i, probs in enumerate(probs_rows):
         # distinct images: duplicates share one queue item
         img = Image.new("RGB", (40, 30), (i * 37 % 256, i * 91 % 256, 120))
-        service.log(image=img, probs=np.asarray(probs, dtype=np.float32), source="upload", latency_ms=5)
+        service.log(**upload(img), probs=np.asarray(probs, dtype=np.float32), source="upload",
+                               latency_ms=5)
     service.store.flush()
 
 
@@ -298,7 +299,7 @@ def claim_kit(settings, claims_per_image):
     for i, claims in enumerate(claims_per_image):
         img = Image.new("RGB", (40, 30), (i * 37 % 256, 90, 120))
         for claimed in claims or (None,):
-            kit.log(image=img, probs=np.asarray((0.5, 0.3, 0.2), dtype=np.float32), source="upload",
+            kit.log(**upload(img), probs=np.asarray((0.5, 0.3, 0.2), dtype=np.float32), source="upload",
                     latency_ms=5, claimed_label=claimed)
     kit.store.flush()
     return kit

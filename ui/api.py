@@ -116,8 +116,10 @@ def build_api_router(settings, pipeline: Pipeline, store, gate: Gate) -> APIRout
 
     @router.get("/healthz")
     async def healthz() -> dict:
-        # Cheap on purpose (Docker HEALTHCHECK polls it): no model call, no database.
-        return {"status": "ok", "model": models.current.info.version}
+        # Cheap on purpose (Docker HEALTHCHECK polls it): no model call, no database. "degraded" stays HTTP 200:
+        # predictions are still answered, only not (fully) logged, and a restart would not fix a full or
+        # read-only disk; monitoring reads the status field and its problems.
+        return {**store.health(), "model": models.current.info.version}
 
     @router.get("/api/v1/model")
     async def model() -> dict:

@@ -17,7 +17,7 @@ from ui.review_keys import CLAIM
 
 MAX_SIDE = 1280  # reviewers need detail, not the original 40-megapixel file over the wire
 SMALL_SIDE = 256  # below this the browser enlarges the image pixelated, not blurred
-PASS_THROUGH_BYTES = 400_000  # small stored PNGs are sent as they are: no decode/encode on the hot path
+PASS_THROUGH_BYTES = 400_000  # small stored PNGs/JPEGs are sent as they are: no decode/encode on the hot path
 
 
 def md(text: object) -> str:
@@ -29,8 +29,8 @@ def md(text: object) -> str:
 def image_html(data: bytes, alt: str) -> str:
     with Image.open(io.BytesIO(data)) as img:
         size = img.size
-        if len(data) <= PASS_THROUGH_BYTES and max(size) <= MAX_SIDE and img.format == "PNG":
-            mime, payload = "image/png", data
+        if len(data) <= PASS_THROUGH_BYTES and max(size) <= MAX_SIDE and img.format in ("PNG", "JPEG"):
+            mime, payload = f"image/{img.format.lower()}", data
         else:
             img.draft("RGB", (MAX_SIDE, MAX_SIDE))
             shown = img.convert("RGB")
