@@ -8,7 +8,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import AliasChoices, Field, SecretStr
+from pydantic import AliasChoices, Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -91,6 +91,24 @@ class Settings(BaseSettings):
         default=None, description="Secret that signs the cached serving bundle (with the export's bytes). Set it "
         "when others can write the data dir and read the model file; changing it rebuilds the bundle once."
     )
+
+    # --- public page: what the model does, its examples (issue 7, w3-first) ----
+    model_description: str | None = Field(
+        default=None, description="One line under the title saying what the model does and what to give it, e.g. "
+        "'Grizzly, black or teddy bear? Upload a photo of a bear.' Default: the demo's own, else its classes."
+    )
+    examples_dir: Path | None = Field(
+        default=None, description="Folder of example images shown as clickable examples (JPEG, PNG, ...); checked "
+        "at start like uploads, unreadable ones are skipped with a log line. Default: the demo's digits."
+    )
+    max_examples: int = Field(default=20, ge=0, description="Examples shown at most (the first, by file name).")
+
+    @field_validator("examples_dir")
+    @classmethod
+    def _examples_dir_exists(cls, v: Path | None) -> Path | None:
+        if v is not None and not v.is_dir():
+            raise ValueError(f"{v} is not a folder (LOUPE_EXAMPLES_DIR names a folder of example images)")
+        return v
 
     @property
     def hf_sign_in(self) -> bool:
