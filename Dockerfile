@@ -16,9 +16,8 @@ RUN useradd --create-home --uid 1000 user \
 
 WORKDIR /app
 COPY requirements.txt .
-# CPU-only torch wheels first, so requirements.txt does not pull the multi-GB CUDA build.
-RUN pip install --index-url https://download.pytorch.org/whl/cpu torch==2.14.1 torchvision==0.29.1 \
- && pip install -r requirements.txt
+# requirements.txt names PyTorch's CPU index itself: the image gets CPU-only torch, as a Space does.
+RUN pip install -r requirements.txt
 
 COPY --chown=user:user . .
 USER user

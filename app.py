@@ -128,8 +128,14 @@ def rescore_in_background(store, predictor) -> None:
 
     def run() -> None:
         store.register_model(predictor.info)
-        log.info("labelled images re-scored by %s: %s", predictor.info.version,
-                 jobs.rescore_labelled(store, predictor))
+        done = jobs.rescore_labelled(store, predictor)
+        log.debug("re-scored by %s: %s", predictor.info.version, done)
+        if done["scored"] or done["missing_images"]:  # nothing new to check is the usual restart: not worth a line
+            n = done["scored"]
+            missing = (f" {done['missing_images']} could not be re-checked: their image files are gone."
+                       if done["missing_images"] else "")
+            log.info("Re-checked %d labelled image%s with the model now serving (%s); %d went to the review queue.%s",
+                     n, "" if n == 1 else "s", predictor.info.version, done["queued"], missing)
 
     threading.Thread(target=run, name="rescore", daemon=True).start()
 

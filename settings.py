@@ -152,6 +152,23 @@ class Settings(BaseSettings):
     log_spool: bool = Field(default=True, description="Append each prediction to an on-disk spool before its id "
                             "is returned, so a crash or kill -9 loses none (one file write per prediction); false: "
                             "predictions not yet in the database (at most LOUPE_LOG_QUEUE_SIZE) die with the process.")
+    # --- public page: what the model does, its examples (issue 7, w3-first) ----
+    model_description: str | None = Field(
+        default=None, description="One line under the title saying what the model does and what to give it, e.g. "
+        "'Grizzly, black or teddy bear? Upload a photo of a bear.' Default: the demo's own, else its classes."
+    )
+    examples_dir: Path | None = Field(
+        default=None, description="Folder of example images shown as clickable examples (JPEG, PNG, ...); checked "
+        "at start like uploads, unreadable ones are skipped with a log line. Default: the demo's digits."
+    )
+    max_examples: int = Field(default=20, ge=0, description="Examples shown at most (the first, by file name).")
+
+    @field_validator("examples_dir")
+    @classmethod
+    def _examples_dir_exists(cls, v: Path | None) -> Path | None:
+        if v is not None and not v.is_dir():
+            raise ValueError(f"{v} is not a folder (LOUPE_EXAMPLES_DIR names a folder of example images)")
+        return v
 
     @property
     def hf_sign_in(self) -> bool:

@@ -121,7 +121,7 @@ def retrain(settings, store, *, base: str, overrides: dict | None = None, name: 
         say(f"data: {json.dumps(data.snapshot['counts']['by_source'])}; classes: {len(data.vocab)}"
             + ("" if from_scratch or data.vocab == parent.vocab else " (new classes: a new head)"))
     init = None if from_scratch else T.adapt_head(parent_learn.model, parent.vocab, data.vocab)
-    valid = T.valid_mask([it.sha256 for it in data.items], recipe.valid_pct)
+    valid = T.valid_mask(data.items, recipe.valid_pct)
     learn, seconds = T.train(data.items, data.vocab, recipe, valid=valid, init=init, progress=progress)
     evaluation = T.evaluate(learn, [it for it, v in zip(data.items, valid, strict=True) if v], data.vocab)
     metrics = evaluation.metrics()

@@ -116,12 +116,13 @@ def _num(x: float) -> float | None:
     return None if x is None or np.isnan(x) else round(float(x), 6)
 
 
-def valid_mask(shas: Sequence[str], valid_pct: float) -> np.ndarray:
-    """The fixed validation split: a hash of the image content (the export's is_valid uses the same), so an image
-    stays on its side across runs, retrains and exports, whatever else is added."""
-    from review.scoring import unit_hash
+def valid_mask(items: Sequence[Item], valid_pct: float) -> np.ndarray:
+    """The fixed validation split, the export's is_valid (review.export.valid_split): a hash of the image content,
+    so an image stays on its side across runs, retrains and exports, except that every class of two images or
+    more keeps one on each side (fastai cannot validate on a class it never trained on)."""
+    from review.export import valid_split
 
-    return unit_hash(list(shas), "valid:") < valid_pct
+    return valid_split([it.sha256 for it in items], [it.label for it in items], valid_pct)
 
 
 def dataloaders(items: Sequence[Item], vocab: Sequence[str], recipe: Recipe, valid_idx: Sequence[int], *,
@@ -242,7 +243,7 @@ def train(items: Sequence[Item], vocab: Sequence[str], recipe: Recipe, *, valid:
     """Train on ``items`` (``valid`` marks the validation split; default: the recipe's fixed hash split).
     ``init``: a model to start from (fine-tuning), else fresh weights. Returns (learner, seconds)."""
     seed_everything(recipe)
-    valid = valid_mask([it.sha256 for it in items], recipe.valid_pct) if valid is None else np.asarray(valid, bool)
+    valid = valid_mask(items, recipe.valid_pct) if valid is None else np.asarray(valid, bool)
     if valid.all():
         raise ValueError("every image is in the validation split; nothing to train on")
     dls = dataloaders(items, vocab, recipe, np.flatnonzero(valid).tolist())

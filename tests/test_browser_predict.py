@@ -161,7 +161,7 @@ def test_webcam_snapshot_is_classified_by_what_the_camera_shows(page, app, digit
     page.get_by_role("tab", name="Webcam", exact=True).click()
     open_camera(page, "webcam-image")
     page.locator("#webcam-image button[aria-label='capture photo']").click()
-    label = page.locator(f"#prediction-label {TOP}")
+    label = page.locator(f"#webcam-prediction-label {TOP}")
     expect(label).to_have_text(re.compile(f"^({'|'.join(digits)})$"))
     shown = label.inner_text()
     shot(page, "webcam")
@@ -198,9 +198,64 @@ def test_sketchpad_draw_a_one(page, app):
     page.mouse.move(x, y + 100, steps=8)  # each step repaints a software-GL canvas
     page.mouse.up()
     page.locator("#sketch-submit").click()
-    expect(page.locator(f"#prediction-label {TOP}")).to_have_text("1")
+    expect(page.locator(f"#draw-prediction-label {TOP}")).to_have_text("1")
     shot(page, "draw")
     wait_for(lambda: rows(app, source="sketch", predicted="1"), what="the sketch prediction row")
+
+
+def test_each_tab_shows_only_its_own_answer_and_feedback(page):
+    page.locator("#upload-image input[data-testid='file-upload']").set_input_files(str(examples()["6"]))
+    expect(page.locator(f"#prediction-label {TOP}")).to_have_text("6")
+    page.locator("#feedback-yes").click()
+    expect(page.locator("#feedback-status")).to_contain_text("Thanks, noted")
+    page.get_by_role("tab", name="Webcam", exact=True).click()
+    expect(page.locator("#webcam-image")).to_be_visible()
+    # no photo taken yet: no answer and no thanks anywhere on the page
+    expect(page.locator("#prediction-label")).to_be_hidden()
+    expect(page.locator(f"#webcam-prediction-label {TOP}")).to_have_count(0)
+    assert "Thanks" not in page.locator("body").inner_text()  # innerText: what is rendered visible
+    shot(page, "webcam-before-photo")
+    page.get_by_role("tab", name="Upload", exact=True).click()  # the upload's own answer is still there
+    expect(page.locator(f"#prediction-label {TOP}")).to_have_text("6")
+    expect(page.locator("#feedback-status")).to_contain_text("Thanks, noted")
+
+
+# The drawing surface's bounding box in the page and the Sketchpad block around it.
+CANVAS_JS = """() => { const c = document.querySelector('#sketchpad canvas').getBoundingClientRect();
+  const b = document.querySelector('#sketchpad').getBoundingClientRect();
+  return {canvas: [c.left, c.top, c.right, c.bottom], block: [b.left, b.top, b.right, b.bottom]}; }"""
+
+
+def test_canvas_is_whole_and_centred_after_the_live_tab(page, app):
+    """The Live tab once hid the shared answer column: the Sketchpad then measured the full page width, its canvas
+    stuck out of its block and the drawing surface sat right of centre, its right part cut off."""
+    page.get_by_role("tab", name="Live webcam").click()
+    expect(page.locator("#live-image")).to_be_visible()
+    page.get_by_role("tab", name="Draw").click()
+    expect(page.locator("#sketchpad button[aria-label='Brush']")).to_have_class(re.compile(r"\bhighlight\b"))
+    geometry = page.evaluate(CANVAS_JS)
+    (cl, ct, cr, cb), (bl, bt, br, bb) = geometry["canvas"], geometry["block"]
+    assert bl - 0.5 <= cl and cr <= br + 0.5 and bt - 0.5 <= ct and cb <= bb + 0.5, geometry
+    assert abs((cl - bl) - (br - cr)) <= 1, geometry  # centred left to right
+    # A stroke down the right-hand edge of the drawing surface (280 px, centred in the block; the brush is 22 px).
+    x, y = (bl + br) / 2 + 120, (bt + bb) / 2
+    before = len(rows(app, source="sketch"))
+    page.mouse.move(x, y - 90)
+    page.mouse.down()
+    page.mouse.move(x, y + 90, steps=8)
+    page.mouse.up()
+    page.locator("#sketch-submit").click()
+    expect(page.locator("#draw-prediction-info")).to_contain_text(" ms")
+    shot(page, "draw-after-live")
+    row = wait_for(lambda: rows(app, source="sketch")[before:], what="the sketch's row")[-1]
+    ink = np.asarray(Image.open(ImageStore(app.data_dir / "images").path(row.image_sha256)).convert("L")) < 128
+    height, width = ink.shape
+    columns = np.flatnonzero(ink.any(axis=0))
+    assert columns.size, "the server got a blank drawing"
+    # the stroke reached the server whole, where it was drawn: in the right-hand eighth, not cut off or shifted
+    assert columns.min() > 0.8 * width and columns.max() < width - 1, (columns.min(), columns.max(), width)
+    ink_rows = np.flatnonzero(ink.any(axis=1))
+    assert ink_rows.max() - ink_rows.min() > 0.5 * height
 
 
 def test_rest_and_gradio_client_on_the_same_server(app):
@@ -208,5 +263,6 @@ def test_rest_and_gradio_client_on_the_same_server(app):
 
     r = httpx.post(app.url + "/api/v1/predict", files={"file": ("9.png", examples()["9"].read_bytes())})
     assert r.status_code == 200 and r.json()["label"] == "9"
-    label, _, _ = Client(app.url, verbose=False).predict(handle_file(str(examples()["9"])), api_name="/predict")
-    assert label["label"] == "9"
+    label, _info, details = Client(app.url, verbose=False).predict(handle_file(str(examples()["9"])),
+                                                                   api_name="/predict")
+    assert label["label"] == "9" == details["label"] and details["prediction_id"]

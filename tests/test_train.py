@@ -27,11 +27,14 @@ def test_recipe_round_trip_and_checks():
 
 
 def test_validation_split_is_the_exports_and_stable():
-    shas = [f"{i:064x}" for i in range(2000)]
-    mask = T.valid_mask(shas, 0.2)
+    from review.export import valid_split
+
+    items = [T.Item(Path(f"{i}.png"), str(i % 10), f"{i:064x}") for i in range(2000)]
+    mask = T.valid_mask(items, 0.2)
     assert 0.17 < mask.mean() < 0.23
-    np.testing.assert_array_equal(mask, scoring.unit_hash(shas, "valid:") < 0.2)  # review.export's is_valid
-    np.testing.assert_array_equal(T.valid_mask(shas[::-1], 0.2), mask[::-1])  # per image, not per position
+    np.testing.assert_array_equal(mask, scoring.unit_hash([it.sha256 for it in items], "valid:") < 0.2)  # by hash
+    np.testing.assert_array_equal(mask, valid_split([it.sha256 for it in items], [it.label for it in items], 0.2))
+    np.testing.assert_array_equal(T.valid_mask(items[::-1], 0.2), mask[::-1])  # per image, not per position
 
 
 def test_new_head_keeps_known_classes():

@@ -244,3 +244,60 @@ def test_jpeg_frame_roundtrip_keeps_the_digit(ui):
     frame = frame_with(Image.open(examples()["2"]), (320, 240))
     label, _, _ = h.stream_frame(data_url(frame), 0)
     assert next(iter(label)) == "2"
+
+
+def example_blocks(app) -> list:
+    import gradio as gr
+
+    return [b for b in app.blocks.values() if isinstance(b, gr.Dataset)]
+
+
+def test_header_says_what_the_model_does_and_follows_the_serving_model(ui, tmp_path):
+    from model.predictor import ModelInfo
+    from tests.review_fixtures import FakePredictor
+    from ui.examples import DEMO_DESCRIPTION
+
+    h, service = ui
+    demo = service.router.current.info
+    header = h.header()
+    assert header.startswith(f"# {demo.name}\n{DEMO_DESCRIPTION}") and demo.version in header
+    own = Settings(data_dir=tmp_path / "d", model_path=tmp_path / "bears.pkl",
+                   model_description="Grizzly, black or teddy? Upload a photo of a bear.")
+    assert "Grizzly, black or teddy? Upload a photo of a bear." in PredictHandlers(own, service.pipeline, None).header()
+    plain = Settings(data_dir=tmp_path / "d", model_path=tmp_path / "bears.pkl")
+    assert "Tells apart 10 classes: 0, 1, 2, 3, 4, 5, 6, 7, 8, 9." in PredictHandlers(plain, service.pipeline,
+                                                                                      None).header()
+    many = tuple(f"c{i}" for i in range(30))
+    service.router.promote(FakePredictor(ModelInfo("bears", "ef" * 32, many, "onnx"), None))
+    promoted = PredictHandlers(plain, service.pipeline, None).header()  # what the page shows on its next load
+    assert promoted.startswith("# bears\n") and "30 classes: c0, c1," in promoted and "and 18 more." in promoted
+
+
+def test_own_examples_are_checked_at_start(tmp_path, demo_predictor, caplog):
+    from ui.examples import load_examples
+
+    folder = tmp_path / "examples"
+    folder.mkdir()
+    for d in ("3", "5", "7"):
+        (folder / f"{d}.png").write_bytes(examples()[d].read_bytes())
+    (folder / "notes.txt").write_text("not an image")
+    (folder / "broken.png").write_bytes(examples()["1"].read_bytes()[:60])
+    (folder / ".hidden.png").write_bytes(examples()["1"].read_bytes())
+    settings = Settings(data_dir=tmp_path / "d", model_path=tmp_path / "own.pkl", examples_dir=folder)
+    with caplog.at_level("WARNING", logger="loupe.examples"):
+        shown = load_examples(settings)
+    assert shown == [str(folder / f"{d}.png") for d in ("3", "5", "7")]
+    skipped = " ".join(r.getMessage() for r in caplog.records)
+    assert "broken.png skipped: The file is truncated or corrupt" in skipped and "notes.txt skipped" in skipped
+    assert load_examples(settings.model_copy(update={"max_examples": 2})) == shown[:2]
+    assert load_examples(Settings(data_dir=tmp_path / "d", model_path=tmp_path / "own.pkl")) == []  # none set
+    with pytest.raises(ValueError, match="not a folder"):
+        Settings(data_dir=tmp_path / "d", examples_dir=tmp_path / "missing")
+
+    service = app_parts(settings, demo_predictor)  # the page offers them like the demo's digits
+    try:
+        app = build_predict_app(settings, service.pipeline, service.store)
+    finally:
+        service.store.close()
+    (dataset,) = example_blocks(app)
+    assert len(dataset.samples) == 3

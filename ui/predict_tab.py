@@ -11,13 +11,14 @@ from __future__ import annotations
 import base64
 import binascii
 import os
-from pathlib import Path
 
 import gradio as gr
 
 from review.types import ReviewError
 from serving.imageio import ImageRejected
 from serving.pipeline import Answer, Input, Pipeline, Result
+from ui.examples import describe, load_examples
+from ui.result_panel import result_panel, wire_feedback
 
 # Simultaneous live-webcam sessions. A stream holds its slot for its whole duration (up to
 # stream_time_limit), so this is "how many people can watch live predictions at once".
@@ -45,12 +46,6 @@ def model_workers(settings) -> int:
 
 def serving_demo(settings) -> bool:
     return settings.model_path is None
-
-
-def demo_examples() -> list[str]:
-    from model.demo import DEMO_EXAMPLES_DIR
-
-    return [str(p) for p in sorted(Path(DEMO_EXAMPLES_DIR).glob("*.png"))]
 
 
 def _sessions(requests, n: int) -> list[str | None]:
@@ -200,9 +195,11 @@ class PredictHandlers:
         return gr.update(choices=list(state["classes"]) if state else [], value=None), ""
 
     def header(self) -> str:
+        """Title (LOUPE_MODEL_NAME), what the model does (LOUPE_MODEL_DESCRIPTION), and which version answers: of
+        the model serving now (the page refreshes it on load, so a promoted model shows at once)."""
         info = self.pipeline.router.current.info
-        return (f"# Loupe · {info.name}\nAn image classifier for {len(info.vocab)} classes "
-                f"(model `{info.version}`, {info.backend}).")
+        return (f"# {info.name}\n{describe(self.settings, list(info.vocab))}\n\n"
+                f"<small>Model `{info.version}` · {len(info.vocab)} classes · {info.backend} · served by Loupe</small>")
 
 
 def storage_notice(settings) -> str:
@@ -216,7 +213,9 @@ def storage_notice(settings) -> str:
 def build_predict_app(settings, pipeline: Pipeline, store, uploads=None) -> gr.Blocks:
     h = PredictHandlers(settings, pipeline, store, uploads)
     demo_mode = serving_demo(settings)
-    with gr.Blocks(title="Loupe", analytics_enabled=False, delete_cache=(600, 600)) as app:
+    example_paths = load_examples(settings)
+    with gr.Blocks(title=f"{pipeline.router.current.info.name} · Loupe", analytics_enabled=False,
+                   delete_cache=(600, 600)) as app:
         header = gr.Markdown(h.header(), elem_id="header")
         # The reviewers' way in. Relative, so it follows any mount path; /review keeps its own login.
         gr.HTML('<p>Reviewing predictions? <a id="review-link" href="review/"><strong>Open the Review queue →'
@@ -225,36 +224,42 @@ def build_predict_app(settings, pipeline: Pipeline, store, uploads=None) -> gr.B
         if settings.hf_sign_in:
             # HF's OAuth callback lives on this (public) app; the /review mount reads the shared session.
             gr.LoginButton("Reviewer sign-in", elem_id="hf-login")
-        pred_state = gr.State(None)
         # Not shown: what API clients (gradio_client) need from an answer, the prediction_id for /feedback above all.
         details = gr.JSON(visible=False, elem_id="prediction-details")
-        with gr.Row():
-            with gr.Column(scale=3):
-                with gr.Tabs(elem_id="input-tabs"):
-                    with gr.Tab("Upload", id="upload") as upload_tab:
+        # Each tab: its input on the left, its own answer and feedback on the right (ui/result_panel.py).
+        with gr.Tabs(elem_id="input-tabs"):
+            with gr.Tab("Upload", id="upload"):
+                with gr.Row():
+                    with gr.Column(scale=3):
                         upload = gr.Image(sources=["upload", "clipboard"], type="filepath", image_mode=None,
                                           label="Upload or paste an image", elem_id="upload-image", height=360)
                         examples = None
-                        if demo_mode and (paths := demo_examples()):
-                            examples = gr.Examples([[p] for p in paths], inputs=[upload], cache_examples=False,
-                                                   label="Examples (click one)", elem_id="examples",
-                                                   examples_per_page=10)
-                    with gr.Tab("Webcam", id="webcam") as webcam_tab:
+                        if example_paths:
+                            examples = gr.Examples([[p] for p in example_paths], inputs=[upload],
+                                                   cache_examples=False, label="Examples (click one)",
+                                                   elem_id="examples", examples_per_page=10)
+                    upload_panel = result_panel(settings)
+            with gr.Tab("Webcam", id="webcam"):
+                with gr.Row():
+                    with gr.Column(scale=3):
                         webcam = gr.Image(sources=["webcam"], type="filepath", image_mode=None,
                                           label="Take a photo", elem_id="webcam-image", height=360,
                                           webcam_options=gr.WebcamOptions(mirror=False))
-                    with gr.Tab("Live webcam", id="live") as live_tab:
-                        with gr.Row():
-                            live = gr.Image(sources=["webcam"], type="filepath", image_mode=None, streaming=True,
-                                            label="Live camera", elem_id="live-image", height=300,
-                                            webcam_options=gr.WebcamOptions(mirror=False))
-                            with gr.Column():
-                                live_label = gr.Label(num_top_classes=settings.top_k, label="Live prediction",
-                                                      elem_id="live-label")
-                                live_info = gr.Markdown(elem_id="live-info")
-                        live_count = gr.State(0)
-                    if demo_mode:
-                        with gr.Tab("Draw", id="draw") as draw_tab:
+                    webcam_panel = result_panel(settings, "webcam-")
+            with gr.Tab("Live webcam", id="live"):
+                with gr.Row():
+                    live = gr.Image(sources=["webcam"], type="filepath", image_mode=None, streaming=True,
+                                    label="Live camera", elem_id="live-image", height=300,
+                                    webcam_options=gr.WebcamOptions(mirror=False))
+                    with gr.Column():
+                        live_label = gr.Label(num_top_classes=settings.top_k, label="Live prediction",
+                                              elem_id="live-label")
+                        live_info = gr.Markdown(elem_id="live-info")
+                live_count = gr.State(0)
+            if demo_mode:
+                with gr.Tab("Draw", id="draw") as draw_tab:
+                    with gr.Row():
+                        with gr.Column(scale=3):
                             # Black, thick strokes on a white background: what the digits were trained on, and
                             # thick enough to survive downscaling a 280 px canvas to 32 px.
                             sketch = gr.Sketchpad(type="filepath", image_mode="RGBA", canvas_size=(280, 280),
@@ -262,21 +267,11 @@ def build_predict_app(settings, pipeline: Pipeline, store, uploads=None) -> gr.B
                                                                  default_color="#000000", color_mode="fixed"),
                                                   label="Draw a digit", elem_id="sketchpad", layers=False)
                             sketch_btn = gr.Button("Classify drawing", variant="primary", elem_id="sketch-submit")
-            with gr.Column(scale=2) as result_column:
-                label = gr.Label(num_top_classes=settings.top_k, label="Prediction", elem_id="prediction-label")
-                info_md = gr.Markdown(elem_id="prediction-info")
-                with gr.Group(elem_id="feedback"):
-                    gr.Markdown("**Is this right?**")
-                    with gr.Row():
-                        yes = gr.Button("Yes", size="sm", elem_id="feedback-yes")
-                        no = gr.Button("No", size="sm", elem_id="feedback-no")
-                    claimed = gr.Dropdown(choices=[], value=None, label="The right answer is …",
-                                          elem_id="feedback-label", interactive=True)
-                feedback_md = gr.Markdown(elem_id="feedback-status")
+                        draw_panel = result_panel(settings, "draw-")
 
         # Batched model events share one concurrency group: the limit is on model work, whatever the tab.
-        model_event = dict(outputs=[label, info_md, pred_state, details], batch=True, max_batch_size=settings.max_batch_size,
-                           preprocess=False, concurrency_limit=model_workers(settings), concurrency_id="model")
+        model_event = dict(batch=True, max_batch_size=settings.max_batch_size, preprocess=False,
+                           concurrency_limit=model_workers(settings), concurrency_id="model")
 
         # (param names show in the API docs; with batch=True each is really a list of images)
         def predict(image, request: gr.Request):
@@ -289,37 +284,27 @@ def build_predict_app(settings, pipeline: Pipeline, store, uploads=None) -> gr.B
             return h.predict_batch(drawing, "sketch", request)
 
         # .upload, not .change: .change fires twice when an image replaces another (two predictions, two rows).
-        events = [upload.upload(predict, inputs=[upload], api_name="predict", **model_event),
-                  webcam.upload(predict_webcam, inputs=[webcam], api_name="predict_webcam",
-                                api_visibility="private", **model_event)]
+        uploaded = [upload.upload(predict, inputs=[upload], outputs=[*upload_panel.answer_outputs, details],
+                                  api_name="predict", **model_event)]
         if examples is not None:
-            events.append(examples.load_input_event.then(predict, inputs=[upload], api_visibility="private",
-                                                         **model_event))
-        # The live tab shows its own answers; the shared result column would only show a stale one there.
-        for tab in (upload_tab, webcam_tab, live_tab, *([draw_tab] if demo_mode else [])):
-            tab.select(lambda shown=tab is not live_tab: gr.update(visible=shown), outputs=[result_column],
-                       queue=False, api_visibility="private")
+            uploaded.append(examples.load_input_event.then(
+                predict, inputs=[upload], outputs=[*upload_panel.answer_outputs, details], api_visibility="private",
+                **model_event))
+        wire_feedback(upload_panel, h, uploaded)
+        wire_feedback(webcam_panel, h, [webcam.upload(
+            predict_webcam, inputs=[webcam], outputs=[*webcam_panel.answer_outputs, details],
+            api_name="predict_webcam", api_visibility="private", **model_event)])
         if demo_mode:
             draw_tab.select(None, js=SELECT_BRUSH_JS)
-            events.append(sketch_btn.click(predict_sketch, inputs=[sketch], api_name="predict_sketch",
-                                           api_visibility="private", **model_event))
-        for event in events:
-            event.success(h.reset_feedback, inputs=[pred_state], outputs=[claimed, feedback_md], queue=False,
-                          api_visibility="private")
+            wire_feedback(draw_panel, h, [sketch_btn.click(
+                predict_sketch, inputs=[sketch], outputs=[*draw_panel.answer_outputs, details],
+                api_name="predict_sketch", api_visibility="private", **model_event)])
         live.stream(h.stream_frame, inputs=[live, live_count], outputs=[live_label, live_info, live_count],
                     preprocess=False, stream_every=settings.stream_every, time_limit=settings.stream_time_limit,
                     concurrency_limit=LIVE_STREAMS, concurrency_id="live", api_name="predict_stream",
                     api_visibility="private", show_progress="hidden")
-
-        yes.click(lambda s: h.feedback(s, correct=True), inputs=[pred_state], outputs=[feedback_md],
-                  api_visibility="private")
-        no.click(lambda s: h.feedback(s, correct=False), inputs=[pred_state], outputs=[feedback_md],
-                 api_visibility="private")
-        # .input (not .change): only a person's choice counts, not our reset after a new prediction.
-        claimed.input(lambda s, c: h.feedback(s, correct=None, claimed=c) if c else gr.skip(),
-                      inputs=[pred_state, claimed], outputs=[feedback_md], api_visibility="private")
         app.load(h.header, outputs=[header], queue=False, api_visibility="private")  # the model serving now
-        # gradio_client gets the prediction_id in the state output of /predict; this takes feedback on it.
+        # gradio_client gets the prediction_id in the details output of /predict; this takes feedback on it.
         gr.api(h.api_feedback, api_name="feedback", concurrency_limit=DEFAULT_CONCURRENCY)
     # A full queue answers at once ("busy, try again") instead of making everyone wait.
     app.queue(max_size=settings.queue_max_size, default_concurrency_limit=DEFAULT_CONCURRENCY)
