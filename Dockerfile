@@ -15,9 +15,9 @@ RUN useradd --create-home --uid 1000 user \
  && mkdir -p /data && chown user:user /data
 
 WORKDIR /app
-COPY requirements.txt .
-# requirements.txt names PyTorch's CPU index itself: the image gets CPU-only torch, as a Space does.
-RUN pip install -r requirements.txt
+COPY pre-requirements.txt requirements.txt ./
+# CPU-only torch first, as a Space installs it (pre-requirements.txt), then the rest.
+RUN pip install -r pre-requirements.txt && pip install -r requirements.txt
 
 COPY --chown=user:user . .
 USER user
