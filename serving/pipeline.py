@@ -19,6 +19,10 @@ from PIL import Image
 from model.predictor import ModelInfo, top_k
 from serving.imageio import ImageRejected, decode_image
 from serving.router import ModelRouter
+from serving.shadow import ShadowJob
+
+# Requests a shadow model scores: live traffic only (not dataset audits or re-scoring jobs).
+LIVE_SOURCES = frozenset({"upload", "webcam", "sketch", "stream", "api"})
 
 # Sources whose blank (near-white) image means "nothing there yet", not a picture of white paper.
 BLANK_IS_EMPTY = frozenset({"sketch"})
@@ -60,17 +64,19 @@ class PredictionLog(Protocol):
 
 
 class Pipeline:
-    def __init__(self, router: ModelRouter, log: PredictionLog, *, max_bytes: int, max_pixels: int, top_k: int):
+    def __init__(self, router: ModelRouter, log: PredictionLog, *, max_bytes: int, max_pixels: int, top_k: int,
+                 shadow=None):
         self.router = router
         self.log = log
+        self.shadow = shadow  # serving.shadow.ShadowScorer, or None: no shadow scoring
         self.max_bytes = max_bytes
         self.max_pixels = max_pixels
         self.top_k = top_k
 
     @classmethod
-    def from_settings(cls, settings, router: ModelRouter, log: PredictionLog) -> Pipeline:
+    def from_settings(cls, settings, router: ModelRouter, log: PredictionLog, shadow=None) -> Pipeline:
         return cls(router, log, max_bytes=settings.max_upload_bytes, max_pixels=settings.max_pixels,
-                   top_k=settings.top_k)
+                   top_k=settings.top_k, shadow=shadow)
 
     def decode(self, item: Input) -> Image.Image | ImageRejected | None:
         if item.data is None:
@@ -111,7 +117,19 @@ class Pipeline:
                                               source=item.source, latency_ms=latency_ms,
                                               claimed_label=item.claimed_label)
             out.append(Answer(row, model.info, latency_ms, pid, top_k(row, model.info.vocab, self.top_k)))
+        self._shadow(routes, items, decoded, out)
         return out
+
+    def _shadow(self, routes, items: Sequence[Input], decoded: list, out: list[Result]) -> None:
+        """Hand the logged live answers to the shadow model, if one is set; returns at once (serving.shadow)."""
+        candidate = routes.shadow()
+        if candidate is None or self.shadow is None:
+            return
+        jobs = [ShadowJob(answer.prediction_id, img, answer.model.version, answer.label)
+                for item, img, answer in zip(items, decoded, out, strict=True)
+                if isinstance(answer, Answer) and answer.prediction_id and item.source in LIVE_SOURCES]
+        if jobs:
+            self.shadow.submit(candidate, jobs)
 
     def predict_one(self, item: Input) -> Result:
         return self.predict([item])[0]
