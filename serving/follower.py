@@ -68,7 +68,7 @@ class RegistryFollower:
         self._thread: threading.Thread | None = None
         self.synced_at: float | None = None
         self.error: str | None = None
-        router.set_refresher(self.sync)
+        router.set_refresher(self.sync, self.status)
 
     def status(self) -> dict:
         return {"poll_s": self.settings.rollout_poll_s, "error": self.error,

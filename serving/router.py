@@ -73,6 +73,7 @@ class ModelRouter:
         self._lock = threading.Lock()  # serialises writers; readers need no lock (one reference read)
         self._listeners: list[Callable[[Routes], None]] = []
         self._refresh: Callable[[], object] | None = None
+        self._refresh_status: Callable[[], dict] | None = None
 
     def routes(self) -> Routes:
         return self._routes
@@ -107,9 +108,13 @@ class ModelRouter:
         so no request ever sees half a change)."""
         return self._swap(lambda _: routes)
 
-    def set_refresher(self, refresh: Callable[[], object] | None) -> None:
-        """Who keeps these routes in step with the model registry (serving.follower.RegistryFollower.sync)."""
-        self._refresh = refresh
+    def set_refresher(self, refresh: Callable[[], object] | None, status: Callable[[], dict] | None = None) -> None:
+        """Who keeps these routes in step with the model registry (serving.follower.RegistryFollower: its ``sync``
+        and its ``status``, which the Models tab shows)."""
+        self._refresh, self._refresh_status = refresh, status
+
+    def refresher_status(self) -> dict | None:
+        return self._refresh_status() if self._refresh_status is not None else None
 
     def refresh(self) -> Routes:
         """Follow the registry now, not at the next poll (after a rollout action taken in this process)."""
