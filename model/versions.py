@@ -259,10 +259,16 @@ def located(record: VersionRecord, settings) -> VersionRecord:
 def load_predictor(record: VersionRecord, settings):
     """A serving predictor for a registered version, through model.loading's pinned read (sha256 from the
     registry; a cached ONNX bundle if there is one). Raises model.loading.ModelLoadError with a clear message."""
-    from model.loading import ModelSource
+    from model.loading import ModelLoadError, ModelSource
     from model.loading import load_predictor as load
 
-    return load(settings, ModelSource(model_file(record, settings), record.sha256, record.name))
+    path = model_file(record, settings)
+    if not path.is_file():
+        raise ModelLoadError(
+            f"the model file of {record.version} is not on this machine: neither in the model store "
+            f"({Path(settings.model_store_dir) / record.sha256 / 'export.pkl'}) nor at {path}. Every replica must "
+            "reach the registered model files: share LOUPE_MODELS_DIR.")
+    return load(settings, ModelSource(path, record.sha256, record.name))
 
 
 # --- CLI ---------------------------------------------------------------------------------------------------------

@@ -12,8 +12,7 @@ from PIL import Image
 
 THUMB_SIDE = 160
 
-STATUS_BADGE = {"current": "🟢 current", "shadow": "👥 shadow", "canary": "🐤 canary", "candidate": "candidate",
-                "retired": "retired"}
+STATUS_BADGE = {"current": "<b>current</b>", "shadow": "<i>shadow</i>", "canary": "<i>canary</i>"}
 
 
 def _pct(x) -> str:
