@@ -52,7 +52,7 @@ def actions(w) -> list[tuple[str, str]]:
 def test_every_handler_refuses_anyone_but_a_reviewer(tab):
     h, v = tab.h, tab.w.candidate.version
     calls = [lambda r: h.overview(r), lambda r: h.report(v, r), lambda r: h.compare(v, v, r), lambda r: h.gate(v, r),
-             lambda r: h.disagreements(v, r), lambda r: h.seen(v, 1, r), lambda r: h.start_shadow(v, r),
+             lambda r: h.disagreements(v, r), lambda r: h.seen(v, {"version": v, "upto": 1}, r), lambda r: h.start_shadow(v, r),
              lambda r: h.start_canary(v, 10, r), lambda r: h.stop(r), lambda r: h.promote(v, True, "x", r),
              lambda r: h.rollback(r)]
     for who in (None, "", "mallory", "hf:alice"):
@@ -87,11 +87,15 @@ def test_rollout_from_the_tab(tab):
     w.cur.wrong = {300, 301}
     w.review(range(0, 40), audit=True)
     w.shadow_traffic(range(300, 310))
-    html, upto = h.disagreements(v, req("alice"))
+    with pytest.raises(gr.Error, match="Show this version's disagreements first"):
+        h.seen(v, {}, req("alice"))
+    html, shown = h.disagreements(v, req("alice"))
     assert html.count("<figure") == 2 and "data:image/png;base64," in html and "served <b>green</b>" in html
     gate = h.gate(v, req("alice"))
     assert "REFUSED" in gate and "2 not looked at" in gate
-    assert "looked at" in h.seen(v, upto, req("alice"))
+    with pytest.raises(gr.Error, match="Show this version's disagreements first"):
+        h.seen(w.current.version, shown, req("alice"))  # what was shown belongs to another version
+    assert "looked at" in h.seen(v, shown, req("alice"))
     assert "No disagreements left" in h.disagreements(v, req("alice"))[0]
     assert "PASSED" in h.gate(v, req("alice"))
     assert "30%" in h.start_canary(v, 30, req("alice"))

@@ -89,23 +89,26 @@ class ModelsHandlers:
         return view.gate_html(result)
 
     def disagreements(self, version: str | None, request: gr.Request,
-                      profile: gr.OAuthProfile | None = None) -> tuple[str, int]:
-        """The next page of disagreements nobody has looked at; returns (HTML, the last id shown)."""
+                      profile: gr.OAuthProfile | None = None) -> tuple[str, dict]:
+        """The next page of disagreements nobody has looked at; returns (HTML, what was shown: the version and the
+        last id, kept server-side in the session's gr.State for "I have looked at these")."""
         self._user(request, profile)
         rec = self._version(version)
         rows = rollout.unseen_disagreements(self.store, rec.version, limit=PAGE + 1)
         shown = rows[:PAGE]
         return (view.disagreements_html(shown, self.store.images, more=len(rows) > PAGE),
-                shown[-1]["id"] if shown else 0)
+                {"version": rec.version, "upto": shown[-1]["id"] if shown else 0})
 
     # --- actions ---------------------------------------------------------------------------------------------
-    def seen(self, version: str | None, upto: int | None, request: gr.Request,
+    def seen(self, version: str | None, shown: dict | None, request: gr.Request,
              profile: gr.OAuthProfile | None = None) -> str:
+        """Record that the reviewer looked at the disagreements last shown to them, of the selected version."""
         who = self._user(request, profile)
         rec = self._version(version)
-        if not upto:
-            raise gr.Error("Show the disagreements first: you confirm what you were shown.")
-        n = self._do(lambda: rollout.mark_seen(self.store, rec.version, upto=int(upto), actor=who))
+        shown = shown or {}
+        if shown.get("version") != rec.version or not shown.get("upto"):
+            raise gr.Error("Show this version's disagreements first: you confirm what you were shown.")
+        n = self._do(lambda: rollout.mark_seen(self.store, rec.version, upto=int(shown["upto"]), actor=who))
         return f"Recorded: **{md(who)}** looked at the disagreements of `{rec.version}` ({n} so far)."
 
     def start_shadow(self, version: str | None, request: gr.Request, profile: gr.OAuthProfile | None = None) -> str:
@@ -179,7 +182,7 @@ def render_models(app: gr.Blocks, h: ModelsHandlers) -> None:
             show_dis = gr.Button("Show disagreements", elem_id="models-show-disagreements")
             seen = gr.Button("I have looked at these", elem_id="models-seen")
         disagreements = gr.HTML(elem_id="models-disagreements-box")
-        upto = gr.State(0)
+        shown = gr.State({})
         gate_btn = gr.Button("Check the gate", elem_id="models-check-gate")
         gate = gr.HTML(elem_id="models-gate-box")
         with gr.Row():
@@ -208,12 +211,12 @@ def render_models(app: gr.Blocks, h: ModelsHandlers) -> None:
     show_report.click(h.report, [version], [report_box], **opts)
     compare.click(h.compare, [a, b], [compare_box], **opts)
     gate_btn.click(h.gate, [version], [gate], **opts)
-    show_dis.click(h.disagreements, [version], [disagreements, upto], **opts)
+    show_dis.click(h.disagreements, [version], [disagreements, shown], **opts)
     for event in (
         shadow.click(h.start_shadow, [version], [status], **opts),
         canary.click(h.start_canary, [version, share], [status], **opts),
         stop.click(h.stop, None, [status], **opts),
-        seen.click(h.seen, [version, upto], [status], **opts),
+        seen.click(h.seen, [version, shown], [status], **opts),
         promote.click(h.promote, [version, confirm, override], [status, gate], **opts),
         rollback.click(h.rollback, None, [status], **opts),
     ):
