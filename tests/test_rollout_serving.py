@@ -17,7 +17,7 @@ from model.demo import DEMO_EXAMPLES_DIR
 from model.loading import ModelLoadError
 from model.predictor import ModelInfo
 from review.db import Prediction, ShadowPrediction
-from serving.follower import RegistryFollower, adopt, startup_predictor
+from serving.follower import RegistryFollower, adopt, register_settings_model, startup_predictor
 from serving.pipeline import Answer, Input, Pipeline
 from serving.router import ModelRouter, Routes
 from serving.shadow import ShadowScorer
@@ -276,6 +276,25 @@ def test_start_up_serves_the_registry_current_else_adopts_the_settings_model(tmp
         with pytest.raises(ModelLoadError, match="LOUPE_MODELS_DIR.*rollback"):
             startup_predictor(settings, kit.store)
         adopt(kit.store, settings, demo_predictor)  # the registry serves another version: the demo stays retired
+        assert kit.store.transaction(versions.current, read=True).sha256 == sha
+    finally:
+        kit.store.close()
+
+
+def test_a_changed_settings_model_becomes_a_candidate(tmp_path, exported, demo_predictor, demo_settings, caplog):
+    """LOUPE_MODEL_PATH names a model the registry does not serve: it is registered as a candidate (visible in the
+    Models tab), neither served behind the registry's back nor silently ignored."""
+    path, sha = exported("pad224")
+    settings = rf.make_settings(tmp_path, f"sqlite:///{tmp_path / 'l.db'}")  # the settings serve the demo
+    shutil.copytree(demo_settings.cache_dir, settings.cache_dir)
+    kit = rf.build_kit(settings, model=None)
+    try:
+        kit.store.transaction(lambda s: versions.set_status(s, versions.register(
+            s, name="pads", sha256=sha, path=path, vocab=("blue", "green", "red"), now=kit.store.clock()).version,
+            "current", now=kit.store.clock()))
+        register_settings_model(settings, kit.store)
+        demo = kit.store.transaction(lambda s: versions.by_sha256(s, demo_predictor.info.sha256), read=True)
+        assert demo.status == "candidate" and "roll it out" in caplog.text
         assert kit.store.transaction(versions.current, read=True).sha256 == sha
     finally:
         kit.store.close()
