@@ -362,4 +362,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    # The imported module's main, not this __main__ copy's: model.rollout raises model.versions.VersionError, and
+    # that is the class main() must catch (under ``python -m`` this file's own VersionError is another class).
+    from model.versions import main as registry_main
+
+    sys.exit(registry_main())

@@ -267,3 +267,19 @@ def test_disagreements_count_only_beside_the_current_they_were_shadowed_with(ser
     assert (evidence["shadowed"], evidence["disagreements"], evidence["unseen"]) == (len(SHADOW), 1, 1)
     other = read(w, lambda s: promotion.shadow_evidence(s, w.candidate.version, "colours@000000000000"))
     assert other["shadowed"] == 0
+
+
+def test_cli_mistakes_are_messages_not_tracebacks(services, sqlite_url):
+    """``python -m model.versions`` for real: a rollout mistake is one line and exit code 2."""
+    import os
+    import subprocess
+    import sys
+
+    w = world_for(services, sqlite_url)
+    env = {**os.environ, "LOUPE_DATA_DIR": str(w.settings.data_dir), "LOUPE_DATABASE_URL": w.settings.db_url}
+    for args, message in ((["rollback", "--by", "bob"], "no earlier current version"),
+                          (["gate", w.current.version], "already the current version")):
+        run = subprocess.run([sys.executable, "-m", "model.versions", *args], env=env, capture_output=True,
+                             text=True, timeout=120)
+        assert run.returncode == 2 and "error: " in run.stderr and message in run.stderr, run.stderr
+        assert "Traceback" not in run.stderr
