@@ -192,7 +192,11 @@ def correct(predictor, paths: Sequence[Path], labels: Sequence[str]) -> np.ndarr
     return np.asarray(out, dtype=bool)
 
 
-def _paired(items: list[tuple[Path, str]], cand, cur) -> Paired:
+def _paired(items: list[tuple[Path, str]], models: Callable[[], tuple]) -> Paired:
+    """Both models on ``items``; ``models()`` loads them only when there is something to score."""
+    if not items:
+        return Paired(0, 0, 0, 0, 0)
+    cand, cur = models()
     paths, labels = [p for p, _ in items], [label for _, label in items]
     return Paired.of(correct(cand, paths, labels), correct(cur, paths, labels))
 
@@ -258,11 +262,17 @@ def evaluate(store, settings, candidate, current, load: Scorer) -> GateResult:
                                                                                  current.version)
 
     items, shadow = store.transaction(read, read=True)
-    cand, cur = load(candidate), load(current)
+    loaded: list = []
+
+    def models() -> tuple:
+        if not loaded:
+            loaded.extend((load(candidate), load(current)))
+        return tuple(loaded)
+
     margin = settings.gate_margin
     checks = []
 
-    audit = _paired(items["audit"], cand, cur)
+    audit = _paired(items["audit"], models)
     lo, hi = audit.interval
     checks.append(Check(
         "audit", "Random audit sample (reviewed, neither model trained on it)", audit.n > 0 and lo >= -margin,
@@ -270,13 +280,13 @@ def evaluate(store, settings, candidate, current, load: Scorer) -> GateResult:
         if audit.n else "no reviewed audit-sample items that neither model was trained on: review some (Review tab, "
         "reason: audit), or raise LOUPE_AUDIT_RATE", {**audit.describe(), "left_out": items["left_out"]}))
 
-    other = _paired(items["reviewed"], cand, cur)
+    other = _paired(items["reviewed"], models)
     lo, hi = other.interval
     checks.append(Check(
         "reviewed", "Other reviewed items (chosen by the current model's doubts: refuses only a clearly worse model)",
         not (other.n and hi < 0), other.sentence() if other.n else "none", other.describe()))
 
-    checks.append(_heldout(items, candidate, current, cand, cur, margin))
+    checks.append(_heldout(items, candidate, current, models, margin))
 
     enough = shadow["shadowed"] >= settings.gate_min_shadowed
     looked = shadow["unseen"] == 0
@@ -290,10 +300,10 @@ def evaluate(store, settings, candidate, current, load: Scorer) -> GateResult:
     return GateResult(candidate.version, current.version, margin, tuple(checks))
 
 
-def _heldout(items: dict, candidate, current, cand, cur, margin: float) -> Check:
+def _heldout(items: dict, candidate, current, models, margin: float) -> Check:
     title = "Held-out split"
     if items["heldout"]:
-        paired = _paired(items["heldout"], cand, cur)
+        paired = _paired(items["heldout"], models)
         lo, _ = paired.interval
         missing = items["left_out"]["heldout_missing"]
         note = f" ({missing} of the split's images are not on this machine)" if missing else ""

@@ -104,7 +104,7 @@ def stop(store, *, actor: str, note: str = "") -> VersionRecord | None:
         if rec is None:
             return None
         now = store.clock()
-        rec = versions.set_status(s, rec.version, "candidate", now=now, note=f"rollout stopped by {actor}. {note}")
+        rec = versions.set_status(s, rec.version, "candidate", now=now, note=f"rollout stopped by {actor}. {note}".strip())
         _record(s, "stop", rec.version, actor, now=now, note=note)
         return rec
 

@@ -26,6 +26,7 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from model import versions
 from model.loading import ModelLoadError
+from model.rollout import canary_share
 from serving.router import ModelRouter, Routes
 
 log = logging.getLogger(__name__)
@@ -41,8 +42,6 @@ class Wanted:
 
 
 def wanted(session, default_share: float) -> Wanted:
-    from model.rollout import canary_share
-
     cand = versions.in_role(session)
     share = canary_share(session, cand.version, default_share) if cand and cand.status == "canary" else 0.0
     return Wanted(versions.current(session), cand, share)
