@@ -12,6 +12,7 @@ from playwright.sync_api import expect
 from sqlalchemy import select
 
 from model import rollout, versions
+from model.loading import ModelLoadError
 from review.auth import hash_password
 from review.db import RolloutAction
 from serving.follower import RegistryFollower
@@ -114,8 +115,8 @@ def test_rollout_from_the_tab(tab):
 
 def test_a_refused_promotion_from_the_tab_changes_nothing_unless_overridden(tab, monkeypatch):
     h, w = tab.h, tab.w
-    with pytest.raises(gr.Error, match="not on this machine.*LOUPE_MODELS_DIR"):
-        h.gate(w.candidate.version, req("alice"))  # the registered files of this test world do not exist
+    with pytest.raises(ModelLoadError, match="not on this machine.*LOUPE_MODELS_DIR"):
+        versions.load_predictor(w.candidate, w.settings)  # the registered files of this test world do not exist
     monkeypatch.setattr(rollout, "loader", lambda settings, router=None: w.load)
     v = w.candidate.version
     status, gate = h.promote(v, True, "", req("alice"))
