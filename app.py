@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import sys
 import threading
+from functools import partial
 from typing import NamedTuple
 
 
@@ -65,33 +66,43 @@ def main() -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     log = logging.getLogger("loupe")
 
-    from model.loading import ModelLoadError, load_predictor
+    from sqlalchemy.exc import SQLAlchemyError
+
+    from model.loading import ModelLoadError
+    from review.store import ReviewStore
+    from serving.follower import register_settings_model, startup_predictor
+    from ui.server import build_server, serve
 
     try:
-        predictor = load_predictor(settings)
+        store = ReviewStore(settings, spool=True)  # this process's log: spooled, and replays dead processes' spools
+    except (OSError, SQLAlchemyError) as e:
+        print(f"loupe: cannot open the review database or data directory: {e}", file=sys.stderr)
+        sys.exit(2)
+    try:
+        # The registry's current version if there is one (every replica serves the same), else the settings' model.
+        predictor = startup_predictor(settings, store)
     except ModelLoadError as e:
         # The message names the file and what to do; a traceback would only bury it.
         print(f"loupe: {e}", file=sys.stderr)
+        store.close()
         sys.exit(2)
     info = predictor.info
     log.info("serving %s (%s, %d classes)%s", info.version, info.backend, len(info.vocab),
              f"; torch fallback: {info.fallback_reason}" if info.fallback_reason else "")
 
-    from sqlalchemy.exc import SQLAlchemyError
-
-    from ui.server import build_server, serve
-
-    try:
-        parts = assemble(settings, predictor)
-    except (OSError, SQLAlchemyError) as e:
-        print(f"loupe: cannot open the review database or data directory: {e}", file=sys.stderr)
-        sys.exit(2)
+    parts = assemble(settings, predictor, store=store)
+    parts.follower.start()
+    # A changed LOUPE_MODEL_PATH, while the registry serves another version, becomes a candidate (not ignored).
+    threading.Thread(target=register_settings_model, args=(settings, store), name="register-settings-model",
+                     daemon=True).start()
     try:
         if not serve(build_server(settings, pipeline=parts.pipeline, store=parts.store, desk=parts.desk), settings):
             sys.exit(1)  # uvicorn has logged why (e.g. the port is taken)
     except KeyboardInterrupt:
         pass  # uvicorn re-raises Ctrl-C after its graceful shutdown; nothing left to report
     finally:
+        parts.follower.stop()
+        parts.shadow.close()
         parts.store.close()  # flush the prediction log written in the background
 
 
@@ -100,23 +111,43 @@ class Parts(NamedTuple):
     router: object  # serving.router.ModelRouter
     pipeline: object  # serving.pipeline.Pipeline
     desk: object  # review.desk.ReviewDesk
+    follower: object = None  # serving.follower.RegistryFollower: keeps the router on the registry's versions
+    shadow: object = None  # serving.shadow.ShadowScorer: a shadow candidate's answers, off the request path
 
 
-def assemble(settings, predictor, *, rescore: bool = True) -> Parts:
-    """The running parts around a loaded model: the store, the model router, the prediction pipeline and the
-    reviewer desk (tests assemble the app the same way)."""
+def assemble(settings, predictor, *, store=None, rescore: bool = True) -> Parts:
+    """The running parts around a loaded model: the store, the model router (following the registry), the shadow
+    scorer, the prediction pipeline and the reviewer desk (tests assemble the app the same way).
+
+    ``predictor`` answers first. A fresh registry adopts it as current when it is the settings' model; then the
+    registry decides (``parts.follower.sync()`` now, ``parts.follower.start()`` to poll)."""
     from review.desk import ReviewDesk
     from review.store import ReviewStore
+    from serving.follower import RegistryFollower, adopt
+    from serving.imageio import decode_image
     from serving.pipeline import Pipeline
     from serving.router import ModelRouter
+    from serving.shadow import ShadowScorer
 
-    store = ReviewStore(settings, spool=settings.log_spool)
+    store = store or ReviewStore(settings)
     store.register_model(predictor.info)
+    adopt(store, settings, predictor)
     router = ModelRouter(predictor)
     if rescore:
-        router.on_change(lambda routes: rescore_in_background(store, routes.current))
+        served = [predictor.info.version]
+
+        def on_change(routes) -> None:  # only a new current model re-scores, not a candidate's arrival
+            if routes.current.info.version != served[0]:
+                served[0] = routes.current.info.version
+                rescore_in_background(store, routes.current)
+
+        router.on_change(on_change)
         rescore_in_background(store, predictor)
-    return Parts(store, router, Pipeline.from_settings(settings, router, store), ReviewDesk(store))
+    follower = RegistryFollower(store, router, settings)
+    shadow = ShadowScorer(store, decode=partial(decode_image, max_bytes=settings.max_upload_bytes,
+                                                max_pixels=settings.max_pixels), maxsize=settings.shadow_queue_size)
+    pipeline = Pipeline.from_settings(settings, router, store, shadow=shadow)
+    return Parts(store, router, pipeline, ReviewDesk(store), follower, shadow)
 
 
 def rescore_in_background(store, predictor) -> None:

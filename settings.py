@@ -169,6 +169,24 @@ class Settings(BaseSettings):
         if v is not None and not v.is_dir():
             raise ValueError(f"{v} is not a folder (LOUPE_EXAMPLES_DIR names a folder of example images)")
         return v
+    # --- rollout: registry-driven serving, shadow, canary, promotion gate (issue 8, w4-rollout) ---------------------
+    models_dir: Path | None = Field(
+        default=None, description="Where registered model files live (<sha256>/export.pkl with its report/). "
+        "Replicas must all reach it (a shared volume); default <data_dir>/models.")
+    rollout_poll_s: float = Field(
+        default=5.0, gt=0, description="How often each replica reads the registry (current version, shadow, "
+        "canary): a change made anywhere is served everywhere within this, plus the load time of a model the "
+        "replica has not loaded yet.")
+    canary_share: float = Field(default=0.1, gt=0, le=1, description="Share of browser sessions a canary answers "
+                                "when no share is given.")
+    shadow_queue_size: int = Field(
+        default=32, ge=1, description="Requests waiting for the shadow model; beyond it they are not shadowed "
+        "(counted as dropped): the shadow never slows an answer.")
+    gate_margin: float = Field(
+        default=0.05, ge=0, le=1, description="Promotion gate: the candidate's accuracy may be at most this far "
+        "below the current model's, at 95% confidence (paired, on the same items).")
+    gate_min_shadowed: int = Field(
+        default=50, ge=0, description="Promotion gate: live requests the candidate must have scored in shadow.")
 
     @property
     def hf_sign_in(self) -> bool:
@@ -178,6 +196,11 @@ class Settings(BaseSettings):
     @property
     def max_upload_bytes(self) -> int:
         return int(self.max_upload_mb * (1 << 20))
+
+    @property
+    def model_store_dir(self) -> Path:
+        """Registered model files: ``<sha256>/export.pkl`` (content-addressed, so every replica finds them)."""
+        return Path(self.models_dir) if self.models_dir is not None else self.data_dir / "models"
 
     @property
     def cache_dir(self) -> Path:

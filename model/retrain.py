@@ -31,7 +31,7 @@ class RetrainResult:
 
 
 def models_dir(settings) -> Path:
-    return Path(settings.data_dir) / "models"
+    return settings.model_store_dir
 
 
 def parent_version(settings, store):

@@ -19,8 +19,9 @@ A registered version loads only through the pinned path: ``load_predictor(record
 checks the registry's sha256 and unpickles those bytes (model.loading). Every registered version is also in the
 ``models`` table (review.store's vocab registry, used by logging) under the same version string.
 
-CLI: ``python -m model.versions list | show <version> | compare <a> <b>`` (read-only: status changes belong to the
-rollout gate, so nothing here can promote a model by accident).
+CLI: ``python -m model.versions list | show <version> | compare <a> <b>`` (read-only), and the rollout commands
+(``shadow | canary | stop | disagreements | seen | gate | promote | rollback | history``: model.rollout_cli), which
+change statuses only through model.rollout, so promotion always goes through the gate (model.promotion).
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime
 from pathlib import Path
 
@@ -242,13 +243,32 @@ def trained_on(session: Session, version: str, image_shas: list[str]) -> set[str
     return found
 
 
+def model_file(record: VersionRecord, settings) -> Path:
+    """Where this version's export is on this machine. First the shared model store
+    (``settings.model_store_dir/<sha256>/export.pkl``: content-addressed, so every replica finds it under its own
+    mount point), else the path recorded at registration (relative to the data dir unless absolute)."""
+    shared = Path(settings.model_store_dir) / record.sha256 / "export.pkl"
+    return shared if shared.is_file() else record.export_path(settings.data_dir)
+
+
+def located(record: VersionRecord, settings) -> VersionRecord:
+    """The record with its path resolved on this machine (its report is next to the export)."""
+    return replace(record, path=str(model_file(record, settings)))
+
+
 def load_predictor(record: VersionRecord, settings):
     """A serving predictor for a registered version, through model.loading's pinned read (sha256 from the
     registry; a cached ONNX bundle if there is one). Raises model.loading.ModelLoadError with a clear message."""
-    from model.loading import ModelSource
+    from model.loading import ModelLoadError, ModelSource
     from model.loading import load_predictor as load
 
-    return load(settings, ModelSource(record.export_path(settings.data_dir), record.sha256, record.name))
+    path = model_file(record, settings)
+    if not path.is_file():
+        raise ModelLoadError(
+            f"the model file of {record.version} is not on this machine: neither in the model store "
+            f"({Path(settings.model_store_dir) / record.sha256 / 'export.pkl'}) nor at {path}. Every replica must "
+            "reach the registered model files: share LOUPE_MODELS_DIR.")
+    return load(settings, ModelSource(path, record.sha256, record.name))
 
 
 # --- CLI ---------------------------------------------------------------------------------------------------------
@@ -293,7 +313,8 @@ def _table(records: list[VersionRecord]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m model.versions", description="List, show and compare model versions.")
+    p = argparse.ArgumentParser(prog="python -m model.versions",
+                                description="List, show and compare model versions; roll them out (model.rollout).")
     sub = p.add_subparsers(dest="command", required=True)
     sub.add_parser("list", help="every registered version, oldest first")
     s = sub.add_parser("show", help="one version: metrics, data snapshot, report files")
@@ -301,8 +322,12 @@ def main(argv: list[str] | None = None) -> int:
     c = sub.add_parser("compare", help="two versions side by side")
     c.add_argument("a")
     c.add_argument("b")
+    from model import rollout_cli
+
+    rollout_cli.add_commands(sub)  # shadow, canary, stop, disagreements, seen, gate, promote, rollback, history
     args = p.parse_args(argv)
 
+    from model.loading import ModelLoadError
     from review.store import ReviewStore
     from settings import Settings
 
@@ -315,10 +340,12 @@ def main(argv: list[str] | None = None) -> int:
                 raise VersionError(f"unknown model version {v!r} (see: python -m model.versions list)")
             return rec
 
+        if args.command in rollout_cli.COMMANDS:
+            return rollout_cli.run(args, settings, store)
         if args.command == "list":
             print(_table(store.transaction(list_versions, read=True)))
         elif args.command == "show":
-            rec = store.transaction(lambda s: need(s, args.version), read=True)
+            rec = located(store.transaction(lambda s: need(s, args.version), read=True), settings)
             out = {**summary(rec), "sha256": rec.sha256, "path": str(rec.export_path(settings.data_dir)),
                    "vocab": list(rec.vocab), "metrics": rec.metrics, "data": rec.data, "recipe": rec.recipe,
                    "report": str(rec.report_dir(settings.data_dir))}
@@ -326,7 +353,7 @@ def main(argv: list[str] | None = None) -> int:
         else:
             a, b = store.transaction(lambda s: (need(s, args.a), need(s, args.b)), read=True)
             print(json.dumps(compare(a, b), indent=2, default=str))
-    except VersionError as exc:
+    except (VersionError, ModelLoadError) as exc:
         print(f"error: {exc.args[0]}", file=sys.stderr)
         return 2
     finally:
@@ -335,4 +362,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    # The imported module's main, not this __main__ copy's: model.rollout raises model.versions.VersionError, and
+    # that is the class main() must catch (under ``python -m`` this file's own VersionError is another class).
+    from model.versions import main as registry_main
+
+    sys.exit(registry_main())

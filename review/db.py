@@ -231,6 +231,48 @@ class TrainingImage(Base):
     source: Mapped[str] = mapped_column(String(32))  # review.trainset.SOURCES
 
 
+# --- rollout (issue 8, section 5): new tables, so create_all adds them to existing databases ------------------------
+class ShadowPrediction(Base):
+    """A candidate's answer to a live request it did not serve (role "shadow"): logged beside the served
+    prediction, never shown. The promotion gate counts these and the disagreements among them."""
+
+    __tablename__ = "shadow_predictions"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    # The served prediction (predictions.id). No foreign key: the served row is written by the prediction log's
+    # own background writer, which may commit after this one; a purge may also drop it first.
+    prediction_id: Mapped[str] = mapped_column(String(32), index=True)
+    created: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+    role: Mapped[str] = mapped_column(String(16))  # "shadow"
+    model_version: Mapped[str] = mapped_column(String(200))  # the candidate that scored it
+    served_version: Mapped[str] = mapped_column(String(200))  # the model whose answer the user got
+    served_label: Mapped[str] = mapped_column(String(200))
+    predicted: Mapped[str] = mapped_column(String(200))  # the candidate's top class
+    confidence: Mapped[float] = mapped_column(Float)
+    probs: Mapped[list] = mapped_column(JSON)  # in the candidate's vocab order
+    agrees: Mapped[bool] = mapped_column(Boolean)
+    latency_ms: Mapped[float] = mapped_column(Float)
+
+    __table_args__ = (Index("ix_shadow_version", "model_version", "served_version", "agrees", "id"),)
+
+
+class RolloutAction(Base):
+    """Append-only log of what people did to the rollout: shadow, canary (with its share), stop, "seen" (looked at
+    the shadow disagreements), promote (with what the gate checked, and any override), rollback."""
+
+    __tablename__ = "rollout_actions"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    created: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+    action: Mapped[str] = mapped_column(String(16))
+    version: Mapped[str] = mapped_column(String(200), index=True)
+    actor: Mapped[str] = mapped_column(String(200))
+    canary_share: Mapped[float | None] = mapped_column(Float)
+    against: Mapped[str | None] = mapped_column(String(200))  # the current version at the time (seen, promote)
+    seen_upto: Mapped[int | None] = mapped_column(Integer)  # seen: the last shadow_predictions.id looked at
+    gate: Mapped[dict | None] = mapped_column(JSON)  # promote: every check, its numbers and its verdict
+    override: Mapped[str | None] = mapped_column(String(2000))  # promote over a failed gate: the person's reason
+    note: Mapped[str] = mapped_column(String(2000), default="")
+
+
 def make_engine(url: str, *, deferred: bool = False) -> Engine:
     """Engine for ``url``. SQLite: WAL, busy timeout, foreign keys, every transaction ``BEGIN IMMEDIATE``.
 
@@ -273,5 +315,17 @@ def make_engine(url: str, *, deferred: bool = False) -> Engine:
     return engine
 
 
+# Any constant: the advisory lock that serialises schema creation across processes on one PostgreSQL.
+_SCHEMA_LOCK = 0x4C6F757065  # "Loupe"
+
+
 def create_all(engine: Engine) -> None:
-    Base.metadata.create_all(engine)
+    """Create missing tables. Replicas starting together on one fresh PostgreSQL would race on CREATE TABLE (one
+    fails with a unique violation on pg_type, measured): they take turns under a transaction-scoped advisory
+    lock, and each sees the tables the previous one created."""
+    if engine.dialect.name != "postgresql":
+        Base.metadata.create_all(engine)
+        return
+    with engine.begin() as conn:
+        conn.exec_driver_sql(f"SELECT pg_advisory_xact_lock({_SCHEMA_LOCK})")
+        Base.metadata.create_all(conn)

@@ -19,6 +19,10 @@ from PIL import Image
 from model.predictor import ModelInfo, top_k
 from serving.imageio import ImageRejected, decode_image, image_stats
 from serving.router import ModelRouter
+from serving.shadow import ShadowJob
+
+# Requests a shadow model scores: live traffic only (not dataset audits or re-scoring jobs).
+LIVE_SOURCES = frozenset({"upload", "webcam", "sketch", "stream", "api"})
 
 # Sources whose blank (near-white) image means "nothing there yet", not a picture of white paper.
 BLANK_IS_EMPTY = frozenset({"sketch"})
@@ -65,23 +69,28 @@ def stats(img: Image.Image) -> dict:
 
 
 class Pipeline:
-    def __init__(self, router: ModelRouter, log: PredictionLog, *, max_bytes: int, max_pixels: int, top_k: int):
+    def __init__(self, router: ModelRouter, log: PredictionLog, *, max_bytes: int, max_pixels: int, top_k: int,
+                 shadow=None):
         self.router = router
         self.log = log
+        self.shadow = shadow  # serving.shadow.ShadowScorer, or None: no shadow scoring
         self.max_bytes = max_bytes
         self.max_pixels = max_pixels
         self.top_k = top_k
 
     @classmethod
-    def from_settings(cls, settings, router: ModelRouter, log: PredictionLog) -> Pipeline:
+    def from_settings(cls, settings, router: ModelRouter, log: PredictionLog, shadow=None) -> Pipeline:
         return cls(router, log, max_bytes=settings.max_upload_bytes, max_pixels=settings.max_pixels,
-                   top_k=settings.top_k)
+                   top_k=settings.top_k, shadow=shadow)
+
+    def decode_bytes(self, data: bytes) -> Image.Image:
+        return decode_image(data, max_bytes=self.max_bytes, max_pixels=self.max_pixels)
 
     def decode(self, item: Input) -> Image.Image | ImageRejected | None:
         if item.data is None:
             return ImageRejected(EMPTY_CANVAS) if item.source in BLANK_IS_EMPTY else None
         try:
-            img = decode_image(item.data, max_bytes=self.max_bytes, max_pixels=self.max_pixels)
+            img = self.decode_bytes(item.data)
         except ImageRejected as e:
             return e
         if item.source in BLANK_IS_EMPTY and img.convert("L").getextrema()[0] > 250:
@@ -120,7 +129,19 @@ class Pipeline:
                                               source=item.source, latency_ms=latency_ms,
                                               claimed_label=item.claimed_label)
             out.append(Answer(row, model.info, latency_ms, pid, top_k(row, model.info.vocab, self.top_k)))
+        self._shadow(routes, items, out)
         return out
+
+    def _shadow(self, routes, items: Sequence[Input], out: list[Result]) -> None:
+        """Hand the logged live answers to the shadow model, if one is set; returns at once (serving.shadow)."""
+        candidate = routes.shadow()
+        if candidate is None or self.shadow is None:
+            return
+        jobs = [ShadowJob(answer.prediction_id, item.data, answer.model.version, answer.label)
+                for item, answer in zip(items, out, strict=True)
+                if isinstance(answer, Answer) and answer.prediction_id and item.source in LIVE_SOURCES]
+        if jobs:
+            self.shadow.submit(candidate, jobs)
 
     def predict_one(self, item: Input) -> Result:
         return self.predict([item])[0]

@@ -49,8 +49,8 @@ class Routes:
         """The model that answers this session: the canary for its share of sessions, else the current one."""
         if self.role != "canary" or self.candidate is None or self.canary_share <= 0.0:
             return self.current
-        # Without a session (a bare REST call) there is nothing to stick to: such requests stay on the current
-        # model, so a client that cannot keep a session never flips between versions.
+        # Without a session (a REST call without X-Loupe-Session) there is nothing to stick to: such requests stay
+        # on the current model, so a client that cannot keep a session never flips between versions.
         if not session:
             return self.current
         draw = unit_hash([session], f"canary:{self.candidate.info.version}:")[0]
@@ -72,6 +72,8 @@ class ModelRouter:
         self._routes = Routes(current)
         self._lock = threading.Lock()  # serialises writers; readers need no lock (one reference read)
         self._listeners: list[Callable[[Routes], None]] = []
+        self._refresh: Callable[[], object] | None = None
+        self._refresh_status: Callable[[], dict] | None = None
 
     def routes(self) -> Routes:
         return self._routes
@@ -100,3 +102,23 @@ class ModelRouter:
     def promote(self, new_current: Predictor) -> Routes:
         """``new_current`` answers from now on; any candidate is dropped (it either is the new model or is stale)."""
         return self._swap(lambda _: Routes(new_current))
+
+    def set_routes(self, routes: Routes) -> Routes:
+        """Replace the whole snapshot at once (the registry follower: current, candidate, role and share together,
+        so no request ever sees half a change)."""
+        return self._swap(lambda _: routes)
+
+    def set_refresher(self, refresh: Callable[[], object] | None, status: Callable[[], dict] | None = None) -> None:
+        """Who keeps these routes in step with the model registry (serving.follower.RegistryFollower: its ``sync``
+        and its ``status``, which the Models tab shows)."""
+        self._refresh, self._refresh_status = refresh, status
+
+    def refresher_status(self) -> dict | None:
+        return self._refresh_status() if self._refresh_status is not None else None
+
+    def refresh(self) -> Routes:
+        """Follow the registry now, not at the next poll (after a rollout action taken in this process)."""
+        refresh = self._refresh
+        if refresh is not None:
+            refresh()
+        return self._routes

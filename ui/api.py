@@ -29,6 +29,7 @@ MB = 1 << 20
 # Multipart framing (boundaries, part headers) on top of the file itself.
 FORM_OVERHEAD = 64 * 1024
 RETRY_AFTER_S = 2
+SESSION_HEADER = "x-loupe-session"
 
 
 def _mb(n: int) -> str:
@@ -81,7 +82,7 @@ class ApiHandlers:
         with self.reading.held():
             return await request.form(max_files=1, max_fields=8)
 
-    async def read_and_predict(self, request: Request, start: float) -> JSONResponse:
+    async def read_and_predict(self, request: Request, start: float, session: str | None = None) -> JSONResponse:
         try:
             form = await self.read_form(request)
         except HTTPException as e:  # Starlette's malformed-multipart error, in our JSON shape
@@ -95,7 +96,7 @@ class ApiHandlers:
             # Every byte is in: only now does the request compete for the model. Admission stays on the
             # event loop, before a worker thread is taken: under overload the refusal costs next to nothing.
             with self.gate.admitted():
-                return await run_in_threadpool(self.predict_upload, upload, start)
+                return await run_in_threadpool(self.predict_upload, upload, start, session)
         finally:
             await form.close()
 
@@ -141,8 +142,11 @@ def build_api_router(settings, pipeline: Pipeline, store, gate: Gate) -> APIRout
             return api.too_large(int(length))
         if not request.headers.get("content-type", "").startswith("multipart/form-data"):
             return error(415, "Send the image as multipart/form-data in a field named 'file'.")
+        # Optional: a client that sends the same X-Loupe-Session on every call gets the same model version
+        # throughout a canary rollout (without it, REST calls stay on the current model).
+        session = request.headers.get(SESSION_HEADER, "")[:200] or None
         try:
-            return await api.read_and_predict(request, start)
+            return await api.read_and_predict(request, start, session)
         except Busy as e:
             return error(503, str(e), headers={"Retry-After": str(RETRY_AFTER_S)})
 

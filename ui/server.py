@@ -30,6 +30,7 @@ from ui.api import build_api_router
 from ui.body_timeout import BodyTimeoutMiddleware
 from ui.http_guard import HttpGuard, PathAlias
 from ui.http_headers import SecurityHeaders
+from ui.models_tab import models_tab
 from ui.predict_tab import build_predict_app, model_workers
 from ui.review_login import install_review_login
 from ui.upload_store import UploadStore, gradio_folder, prepare_folder
@@ -84,7 +85,7 @@ def build_server(settings, *, pipeline, store, desk, gate: Gate | None = None) -
     if settings.hf_sign_in:
         _share_oauth_session(app, settings)
     install_review_login(app, settings, desk)  # before the mount: shadows Gradio's blocking /review/login
-    review = _mount_review(app, settings, desk)
+    review = _mount_review(app, settings, desk, tabs=[models_tab(settings, store, pipeline)])
     public = build_predict_app(settings, pipeline, store, uploads=uploads)
     gr.mount_gradio_app(app, public, path="/", **hardening(settings))
     for blocks in (public, review):
@@ -159,10 +160,10 @@ def _share_oauth_session(app: FastAPI, settings) -> None:
     app.add_middleware(SessionMiddleware, secret_key=secret, same_site="none", https_only=True)
 
 
-def _mount_review(app: FastAPI, settings, desk) -> gr.Blocks:
+def _mount_review(app: FastAPI, settings, desk, tabs=()) -> gr.Blocks:
     from ui.review_tab import build_review_app, review_mount_options
 
-    review = build_review_app(settings, desk)
+    review = build_review_app(settings, desk, tabs)
     gr.mount_gradio_app(app, review, path="/review", **{**hardening(settings),
                                                          **review_mount_options(settings)})
     return review
