@@ -198,8 +198,13 @@ SCOPE = {"type": "http", "method": "POST", "path": "/x", "client": ("127.0.0.1",
 
 
 def run(channel: Channel, app, timeout_s: float, min_rate: float = 1000):
-    anyio.run(BodyTimeoutMiddleware(app, timeout_s=timeout_s, min_rate=min_rate), SCOPE, channel.receive,
-              channel.send)
+    """Run the middleware on its own event loop, in a thread of its own: pytest-playwright's session keeps an
+    event loop running in the main thread once a browser test has run, and anyio.run refuses to nest in it."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    middleware = BodyTimeoutMiddleware(app, timeout_s=timeout_s, min_rate=min_rate)
+    with ThreadPoolExecutor(1) as pool:
+        pool.submit(anyio.run, middleware, SCOPE, channel.receive, channel.send).result()
 
 
 async def read_body_then_answer(scope, receive, send, seen=None):
