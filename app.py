@@ -87,11 +87,13 @@ def main() -> None:
         print(f"loupe: cannot open the review database or data directory: {e}", file=sys.stderr)
         sys.exit(2)
     try:
-        if not serve(build_server(settings, pipeline=parts.pipeline, store=parts.store, desk=parts.desk), settings):
+        if not serve(build_server(settings, pipeline=parts.pipeline, store=parts.store, desk=parts.desk,
+                                  monitor=parts.monitor), settings):
             sys.exit(1)  # uvicorn has logged why (e.g. the port is taken)
     except KeyboardInterrupt:
         pass  # uvicorn re-raises Ctrl-C after its graceful shutdown; nothing left to report
     finally:
+        parts.monitor.stop()
         parts.store.close()  # flush the prediction log written in the background
 
 
@@ -100,13 +102,17 @@ class Parts(NamedTuple):
     router: object  # serving.router.ModelRouter
     pipeline: object  # serving.pipeline.Pipeline
     desk: object  # review.desk.ReviewDesk
+    monitor: object = None  # review.monitor.Monitor: drift alarms, /metrics
 
 
-def assemble(settings, predictor, *, rescore: bool = True) -> Parts:
-    """The running parts around a loaded model: the store, the model router, the prediction pipeline and the
-    reviewer desk (tests assemble the app the same way)."""
+def assemble(settings, predictor, *, rescore: bool = True, watch: bool = True) -> Parts:
+    """The running parts around a loaded model: the store, the model router, the prediction pipeline, the
+    reviewer desk and the monitor (tests assemble the app the same way). ``watch``: start the monitor's background
+    checks (tests call ``monitor.refresh()`` themselves instead)."""
     from review.desk import ReviewDesk
+    from review.monitor import Monitor
     from review.store import ReviewStore
+    from serving.metrics import Metrics
     from serving.pipeline import Pipeline
     from serving.router import ModelRouter
 
@@ -116,7 +122,12 @@ def assemble(settings, predictor, *, rescore: bool = True) -> Parts:
     if rescore:
         router.on_change(lambda routes: rescore_in_background(store, routes.current))
         rescore_in_background(store, predictor)
-    return Parts(store, router, Pipeline.from_settings(settings, router, store), ReviewDesk(store))
+    metrics = Metrics()
+    monitor = Monitor(settings, store, router, metrics)
+    if watch:
+        monitor.start()
+    return Parts(store, router, Pipeline.from_settings(settings, router, store, observer=metrics), ReviewDesk(store),
+                 monitor)
 
 
 def rescore_in_background(store, predictor) -> None:
