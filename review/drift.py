@@ -98,14 +98,19 @@ class Window:
 
     @classmethod
     def from_rows(cls, rows: Sequence[dict]) -> Window:
-        def col(name):
-            return np.asarray([np.nan if r.get(name) is None else float(r[name]) for r in rows], dtype=np.float64)
+        names = ("predicted", "confidence", "width", "height", "brightness", "saturation", "unfamiliar")
+        return cls.from_columns({n: [r.get(n) for r in rows] for n in names})
 
-        unfamiliar = None
-        if any(r.get("unfamiliar") is not None for r in rows):
-            unfamiliar = col("unfamiliar")
-        return cls([r["predicted"] for r in rows], col("confidence"), col("width"), col("height"),
-                   col("brightness"), col("saturation"), unfamiliar)
+    @classmethod
+    def from_columns(cls, cols: dict[str, Sequence]) -> Window:
+        """Columns as read from the database (None where unknown; "unfamiliar" may be absent)."""
+        def col(name):
+            return np.array(cols[name], dtype=np.float64)  # None -> NaN
+
+        flags = cols.get("unfamiliar")
+        unfamiliar = col("unfamiliar") if flags is not None and any(f is not None for f in flags) else None
+        return cls(list(cols["predicted"]), col("confidence"), col("width"), col("height"), col("brightness"),
+                   col("saturation"), unfamiliar)
 
     def __len__(self) -> int:
         return len(self.predicted)

@@ -23,7 +23,7 @@ from sqlalchemy.orm import Session
 from model.reference import Reference
 from review import accuracy, drift
 from review.db import Model, Prediction, StoredImage
-from review.monitor import TRAFFIC, References, unfamiliar_column
+from review.monitor import TRAFFIC, References, read_window, unfamiliar_column, window_query
 
 P = Prediction
 
@@ -88,19 +88,15 @@ def collect(session: Session, settings, *, version: str, since: datetime, until:
                   for r in session.execute(select(*cols).where(*in_period).group_by("b").order_by("b"))]
 
     lat: dict[str, list[float]] = {}
-    for bucket, ms in session.execute(select(b, P.latency_ms).where(*in_period).order_by(P.created.desc())
-                                      .limit(settings.monitor_max_rows)):
+    for bucket, ms in session.connection().execute(select(b, P.latency_ms).where(*in_period).order_by(
+            P.created.desc()).limit(settings.monitor_max_rows)).all():
         lat.setdefault(bucket, []).append(ms)
     latency = [(k, len(v), float(np.percentile(v, 50)), float(np.percentile(v, 95))) for k, v in sorted(lat.items())]
 
     corrections = accuracy.corrections_by_bucket(session, bucket_expr(dialect, unit), TRAFFIC, since, until)
 
-    cols = [P.predicted, P.confidence, P.width, P.height, P.brightness, P.saturation]
-    if flag is not None:
-        cols.append(flag.label("unfamiliar"))
-    rows = session.execute(select(*cols).where(P.model_version == version, *in_period)
-                           .order_by(P.created.desc()).limit(settings.monitor_max_rows)).mappings().all()
-    window = drift.Window.from_rows(rows)
+    window = read_window(session, window_query(P.model_version == version, *in_period,
+                                               size=settings.monitor_max_rows))
     vocab = tuple(session.scalar(select(Model.vocab).where(Model.version == version)) or ())
     sha = session.scalar(select(Model.sha256).where(Model.version == version))
     reference, note = references.get(sha) if sha else (None, "unknown model version")
@@ -113,7 +109,7 @@ def collect(session: Session, settings, *, version: str, since: datetime, until:
         window=window, checks=checks, accuracy=accuracy.audit_accuracy(session, since, until),
         confusion=accuracy.reviewed_confusion(session, version, vocab, since, until),
         storage=storage(session, settings), low_confidence=settings.low_confidence,
-        capped=len(rows) >= settings.monitor_max_rows, versions=dict(versions or {"current": version}))
+        capped=len(window) >= settings.monitor_max_rows, versions=dict(versions or {"current": version}))
 
 
 def storage(session: Session, settings) -> dict:

@@ -15,10 +15,12 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 import numpy as np
+from sqlalchemy import select
 
 from model.reference import EDGES, aspect, bin_counts, resolution
 from review import drift
 from review.period import PeriodData
+from review.types import ReviewError
 
 SOURCE_ORDER = ("upload", "webcam", "sketch", "stream", "api")
 MAX_CLASS_BARS = 20
@@ -344,4 +346,52 @@ def write(path: Path, d: PeriodData, status: dict | None = None) -> Path:
     return path
 
 
-__all__ = ["EDGES", "banner", "document", "sections", "write"]
+def served_version(settings, store) -> tuple[str, str]:
+    """(version, sha256) the app serves: the registry's current version, else the configured model's pin."""
+    from model import versions
+    from model.loading import model_source
+
+    rec = store.transaction(versions.current, read=True)
+    if rec is not None:
+        return rec.version, rec.sha256
+    src = model_source(settings)
+    if not src.sha256_pin:
+        raise ReviewError("no current model version in the registry and no LOUPE_MODEL_SHA256: say which model "
+                          "with --version")
+    sha = src.sha256_pin.strip().lower()
+    return versions.version_of(src.name, sha), sha
+
+
+def write_report(settings, *, since: datetime, until: datetime | None, out: Path, version: str | None = None) -> dict:
+    """``python -m review report``: the period's data, the live drift check of the version, one HTML file."""
+    from review.db import Model, utcnow
+    from review.monitor import DriftStatus, References, check_version
+    from review.period import collect
+    from review.store import ReviewStore
+
+    until = until or utcnow()
+    if until <= since:
+        raise ReviewError("--until must be after --since")
+    store = ReviewStore(settings)
+    try:
+        if version is None:
+            version, sha = served_version(settings, store)
+        else:
+            sha = store.transaction(lambda s: s.scalar(select(Model.sha256).where(Model.version == version)),
+                                    read=True)
+            if sha is None:
+                raise ReviewError(f"unknown model version {version!r} (no prediction was ever logged for it)")
+        refs = References(settings.data_dir)
+        now = utcnow()
+        live = DriftStatus(now, (check_version(store, settings, refs, drift.Thresholds.from_settings(settings),
+                                               version=version, sha256=sha, role="current", now=now),))
+        data = store.transaction(lambda s: collect(s, settings, version=version, since=since, until=until,
+                                                   references=refs), read=True)
+    finally:
+        store.close()
+    path = write(out, data, live.as_dict())
+    return {"out": str(path), "bytes": path.stat().st_size, "version": version, "predictions": data.total,
+            "drift": live.status}
+
+
+__all__ = ["EDGES", "banner", "document", "sections", "write", "write_report"]
