@@ -84,7 +84,8 @@ def _sample(img: Image.Image) -> Image.Image:
 def saturation(img: Image.Image) -> float:
     """Mean chroma in [0, 1] (module docstring), on at most 64 x 64 sampled pixels (~30 us)."""
     arr = np.asarray(_sample(img))
-    return float((arr.max(axis=2).astype(np.int16) - arr.min(axis=2)).mean() / 255.0)
+    r, g, b = arr[..., 0], arr[..., 1], arr[..., 2]  # per channel: ndarray.max(axis=2) was 10x slower here
+    return float((np.maximum(np.maximum(r, g), b) - np.minimum(np.minimum(r, g), b)).mean()) / 255.0
 
 
 def measure(img: Image.Image) -> dict:

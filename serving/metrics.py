@@ -20,6 +20,8 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, gene
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, InfoMetricFamily
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
+from serving.imageio import ImageRejected
+
 OUTCOMES = ("ok", "rejected", "busy", "error")
 GRADIO = "gradio"  # source of refusals by Gradio's queue: shared by every tab, so no one source
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
@@ -57,8 +59,6 @@ class Metrics:
 
     def observed(self, items: Sequence, results: Sequence) -> None:
         """After ``Pipeline.predict``: one outcome per item (None results, "no image", are not requests)."""
-        from serving.imageio import ImageRejected
-
         for item, result in zip(items, results, strict=True):
             if result is None:
                 continue

@@ -173,3 +173,34 @@ def test_a_burst_of_unfamiliar_flags_fires(demo_reference, windows):
     assert drift.unfamiliar_rate(with_flags(0.30)) == pytest.approx(0.3, abs=0.05)
     # without flags in the window (no detector yet) there is no such check at all
     assert "unfamiliar" not in {c.name for c in drift.compare(ref, base, TH)}
+
+
+# --- python -m model.calibrate on a user's own learner ------------------------------------------------------------
+def test_calibrate_a_users_learner(exported, color_data, tmp_path, monkeypatch, capsys):
+    from model import calibrate
+    from model.reference import reference_path
+
+    path, sha = exported("squish224")
+    for var in ("LOUPE_DATABASE_URL", "DATABASE_URL"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("LOUPE_DATA_DIR", str(tmp_path / "data"))
+    monkeypatch.setenv("LOUPE_MODEL_PATH", str(path))
+    monkeypatch.setenv("LOUPE_MODEL_SHA256", sha)
+    assert calibrate.main([str(tmp_path / "missing")]) == 2
+    assert "neither a folder of class folders nor a labels.csv" in capsys.readouterr().err
+
+    assert calibrate.main([str(color_data), "--limit", "12"]) == 0
+    out = capsys.readouterr()
+    assert "calibrate" in out.err and "written to" in out.err
+    ref = load_reference(reference_path(tmp_path / "data", sha), expect_sha256=sha)
+    assert json.loads(out.out)["images"] == ref.doc["n_images"] == 12  # --limit: a fixed sample
+    preds, inputs = ref.section("predictions"), ref.section("inputs")
+    assert sum(preds["class_counts"].values()) == sum(preds["label_counts"].values()) == 12
+    assert set(preds["label_counts"]) <= {"blue", "green", "red"} and preds["accuracy"] is not None
+    assert inputs["greyscale"] == {"threshold": 0.04, "grey": 0, "colour": 12}  # colour images
+    assert sum(inputs["resolution"]["counts"]) == sum(inputs["aspect"]["counts"]) == 12
+    # the same sample on every run: the file only changes by its creation time
+    first = ref.doc
+    assert calibrate.main([str(color_data), "--limit", "12"]) == 0
+    again = load_reference(reference_path(tmp_path / "data", sha)).doc
+    assert {**again, "created": None} == {**first, "created": None}

@@ -49,7 +49,7 @@ class MonitorHandlers:
                 lambda s: collect(s, self.settings, version=routes.current.info.version, since=until - PERIODS[period],
                                   until=until, references=self.monitor.references, versions=routes.versions()),
                 read=True)
-            body = sections(data, self.monitor.health())
+            body = sections(data)  # the live banner is its own component above (and follows the monitor)
             self._cache[period] = (time.monotonic(), body)
             return body
 
@@ -71,12 +71,14 @@ def render_monitor(app: gr.Blocks, settings, monitor) -> None:
         refresh = gr.Button("Refresh", elem_id="monitor-refresh", scale=0, min_width=100)
     live = gr.HTML(elem_id="monitor-banner")
     body = gr.HTML("<p>Open this tab or press Refresh to draw the plots.</p>", elem_id="monitor-body")
-    opts = dict(concurrency_id="monitor", concurrency_limit=1, api_visibility="private")
+    # Plots: one computation at a time (the cache then serves the others); the banner reads a snapshot: no wait.
+    plots = dict(concurrency_id="monitor", concurrency_limit=1, api_visibility="private")
+    quick = dict(concurrency_id="monitor-banner", concurrency_limit=4, api_visibility="private",
+                 show_progress="hidden")
     triggers = [refresh.click, period.change] + ([tab.select] if isinstance(tab, gr.Tab) else [app.load])
     for trigger in triggers:
-        trigger(h.live_banner, None, live, **opts, show_progress="hidden").then(h.show, [period], body, **opts)
-    # The live banner follows the background checks while the tab is open (no database query: a snapshot).
-    gr.Timer(30.0).tick(h.live_banner, None, live, **opts, show_progress="hidden")
+        trigger(h.live_banner, None, live, **quick).then(h.show, [period], body, **plots)
+    gr.Timer(30.0).tick(h.live_banner, None, live, **quick)  # follows the background checks while the page is open
 
 
 def monitor_tabs(settings, monitor) -> list:
