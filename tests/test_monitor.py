@@ -239,10 +239,10 @@ def test_the_tab_is_for_reviewers_only(services, sqlite_url):
         h.show("forever", alice)
 
 
-def test_the_tab_draws_every_plot(services, sqlite_url):
+def test_the_tab_draws_every_plot(services, db_url):
     from review.auth import hash_password
 
-    kit = services(sqlite_url, reviewers=f"alice:{hash_password('x', iterations=1000)}", audit_rate=1.0)
+    kit = services(db_url, reviewers=f"alice:{hash_password('x', iterations=1000)}", audit_rate=1.0)
     for i in range(12):
         kit.log(**upload(rf.square((20 * i, 30, 30), mark=i + 1)), probs=probs(0.7, 0.2, 0.1), source="api",
                 latency_ms=3.0 + i)
@@ -257,7 +257,7 @@ def test_the_tab_draws_every_plot(services, sqlite_url):
                  "plot-corrections", "plot-storage"):
         assert f'id="{plot}"' in html, plot
     assert 'src="data:image/png;base64,' in html and "http" not in html
-    assert "No reference data" in html  # this test model has none: the tab says so instead of plotting
+    assert "no reference data for this model: run python -m model.calibrate" in html  # says so, no plots
     assert "1 of 12 answers" in html  # the relabelled one
     assert "drift-banner" in h.live_banner(alice)
 
