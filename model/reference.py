@@ -14,8 +14,9 @@ Format (``FORMAT`` / ``VERSION``; readers refuse a newer VERSION, and keep secti
                         "confidence": {"edges": [...], "counts": [...]}},
         "inputs": {"n", "brightness" | "resolution" | "aspect": {"edges": [...], "counts": [...]},
                    "greyscale": {"threshold": t, "grey": n, "colour": n}, "summary": {...}},
-        ...                       # more sections: e.g. the unfamiliar-input detector's ("unfamiliar")
-     }}
+        "unfamiliar": {"reference_rate": r, "n": N, ...}   # the unfamiliar-input detector's (its own keys);
+     }}                                                   # drift alarms read the share of reference images it
+                                                          # flags ("reference_rate") and compare the live rate
 
 Histograms have fixed edges (stored with the counts, so a later change of edges never mis-compares an old file):
 fixed bins, not the reference's deciles, because these statistics are often discrete (every training image 32x32,
@@ -35,7 +36,6 @@ makes near-black pixels of a greyscale photo look vivid. An image is greyscale w
 from __future__ import annotations
 
 import json
-import math
 import os
 import tempfile
 from collections.abc import Callable, Iterable, Sequence
@@ -309,8 +309,3 @@ def load_reference(path: Path, *, expect_sha256: str | None = None) -> Reference
         raise ReferenceError(f"{path} is not valid JSON ({e})") from None
     ref = parse_reference(doc, expect_sha256=expect_sha256, where=str(path))
     return Reference(ref.doc, path)
-
-
-def shares(counts: Sequence[float]) -> list[float]:
-    total = float(sum(counts))
-    return [c / total if total else math.nan for c in counts]

@@ -115,7 +115,7 @@ def collect(session: Session, settings, *, version: str, since: datetime, until:
 def storage(session: Session, settings) -> dict:
     n, size = session.execute(select(func.count(), func.coalesce(func.sum(StoredImage.size_bytes), 0))).one()
     out = {"images": int(n), "image_bytes": int(size), "max_bytes": int(settings.max_storage_gb * (1 << 30)) or None,
-           "database_bytes": None, "free_bytes": None, "predictions": None}
+           "database_bytes": None, "free_bytes": None}
     url = make_url(settings.db_url)
     if url.get_backend_name() == "sqlite" and url.database and url.database != ":memory:":
         out["database_bytes"] = sum(os.path.getsize(p) for p in (url.database, url.database + "-wal")

@@ -167,3 +167,37 @@ def test_gradio_queue_refusals_are_counted():
     assert client.post("/gradio_api/queue/join").status_code == 200
     assert client.post("/review/gradio_api/queue/join?full=1").status_code == 503  # the reviewers' app: not traffic
     assert value(families(metrics.render()[0].decode()), "loupe_requests", source="gradio", outcome="busy") == 1
+
+
+def test_candidates_show_in_the_model_info_and_get_their_own_drift_check(tmp_path):
+    """Shadow/canary versions appear in loupe_model_info by role, and the monitor checks each serving version."""
+    from dataclasses import replace
+
+    from review.monitor import Monitor
+    from serving.router import ModelRouter
+    from tests.review_fixtures import MODEL, FakePredictor
+
+    kit = rf.build_kit(rf.make_settings(tmp_path, f"sqlite:///{tmp_path / 'l.db'}"))
+    try:
+        current = FakePredictor(MODEL, lambda images: np.full((len(images), 3), 1 / 3))
+        candidate = FakePredictor(replace(MODEL, sha256="ef" * 32), current.predict_probs)
+        kit.store.register_model(candidate.info)
+        router = ModelRouter(current)
+        metrics = Metrics()
+        monitor = Monitor(kit.store.settings, kit.store, router, metrics)
+        for role in ("shadow", "canary"):
+            router.set_candidate(candidate, role, 0.1)
+            status = monitor.refresh()
+            fams = families(metrics.render()[0].decode())
+            assert value(fams, "loupe_model_info", role="current", version=MODEL.version) == 1
+            assert value(fams, "loupe_model_info", role=role, version=candidate.info.version) == 1
+            assert {v.role: v.version for v in status.versions} == {"current": MODEL.version,
+                                                                     role: candidate.info.version}
+            assert all(v.status == "no_reference" for v in status.versions)
+        router.promote(candidate)
+        monitor.refresh()
+        fams = families(metrics.render()[0].decode())
+        assert [s.labels["role"] for s in fams["loupe_model_info"].samples] == ["current"]
+        assert {s.labels["model"] for s in fams["loupe_drift_window_predictions"].samples} == {candidate.info.version}
+    finally:
+        kit.store.close()
