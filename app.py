@@ -96,13 +96,15 @@ def main() -> None:
     threading.Thread(target=register_settings_model, args=(settings, store), name="register-settings-model",
                      daemon=True).start()
     try:
-        if not serve(build_server(settings, pipeline=parts.pipeline, store=parts.store, desk=parts.desk), settings):
+        if not serve(build_server(settings, pipeline=parts.pipeline, store=parts.store, desk=parts.desk,
+                                  monitor=parts.monitor), settings):
             sys.exit(1)  # uvicorn has logged why (e.g. the port is taken)
     except KeyboardInterrupt:
         pass  # uvicorn re-raises Ctrl-C after its graceful shutdown; nothing left to report
     finally:
         parts.follower.stop()
         parts.shadow.close()
+        parts.monitor.stop()
         parts.store.close()  # flush the prediction log written in the background
 
 
@@ -113,18 +115,22 @@ class Parts(NamedTuple):
     desk: object  # review.desk.ReviewDesk
     follower: object = None  # serving.follower.RegistryFollower: keeps the router on the registry's versions
     shadow: object = None  # serving.shadow.ShadowScorer: a shadow candidate's answers, off the request path
+    monitor: object = None  # review.monitor.Monitor: drift alarms, /metrics
 
 
-def assemble(settings, predictor, *, store=None, rescore: bool = True) -> Parts:
+def assemble(settings, predictor, *, store=None, rescore: bool = True, watch: bool = True) -> Parts:
     """The running parts around a loaded model: the store, the model router (following the registry), the shadow
-    scorer, the prediction pipeline and the reviewer desk (tests assemble the app the same way).
+    scorer, the prediction pipeline, the reviewer desk and the monitor (tests assemble the app the same way).
 
     ``predictor`` answers first. A fresh registry adopts it as current when it is the settings' model; then the
-    registry decides (``parts.follower.sync()`` now, ``parts.follower.start()`` to poll)."""
+    registry decides (``parts.follower.sync()`` now, ``parts.follower.start()`` to poll). ``watch``: start the
+    monitor's background checks (tests call ``parts.monitor.refresh()`` themselves instead)."""
     from review.desk import ReviewDesk
+    from review.monitor import Monitor
     from review.store import ReviewStore
     from serving.follower import RegistryFollower, adopt
     from serving.imageio import decode_image
+    from serving.metrics import Metrics
     from serving.pipeline import Pipeline
     from serving.router import ModelRouter
     from serving.shadow import ShadowScorer
@@ -146,8 +152,12 @@ def assemble(settings, predictor, *, store=None, rescore: bool = True) -> Parts:
     follower = RegistryFollower(store, router, settings)
     shadow = ShadowScorer(store, decode=partial(decode_image, max_bytes=settings.max_upload_bytes,
                                                 max_pixels=settings.max_pixels), maxsize=settings.shadow_queue_size)
-    pipeline = Pipeline.from_settings(settings, router, store, shadow=shadow)
-    return Parts(store, router, pipeline, ReviewDesk(store), follower, shadow)
+    metrics = Metrics()
+    monitor = Monitor(settings, store, router, metrics)
+    if watch:
+        monitor.start()
+    pipeline = Pipeline.from_settings(settings, router, store, shadow=shadow, observer=metrics)
+    return Parts(store, router, pipeline, ReviewDesk(store), follower, shadow, monitor)
 
 
 def rescore_in_background(store, predictor) -> None:

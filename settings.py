@@ -162,6 +162,24 @@ class Settings(BaseSettings):
         "at start like uploads, unreadable ones are skipped with a log line. Default: the demo's digits."
     )
     max_examples: int = Field(default=20, ge=0, description="Examples shown at most (the first, by file name).")
+    # --- monitoring: drift alarms, /metrics, the Monitor tab (issue 9, w5-monitor) -----------------------------
+    drift_window: int = Field(default=500, ge=10, description="Drift alarms compare the latest N traffic "
+                              "predictions of the serving version (read from the database) with its reference.")
+    drift_window_minutes: float = Field(default=0.0, ge=0, description="...and only those of the last T minutes "
+                                        "(0: no time limit).")
+    drift_min_window: int = Field(default=200, ge=10, description="Fewer predictions in the window: no alarm "
+                                  "(status 'insufficient_data').")
+    drift_psi_classes: float = Field(default=0.25, gt=0, description="PSI above which predicted-class shares drift.")
+    drift_psi_confidence: float = Field(default=0.25, gt=0, description="PSI above which confidence drifts.")
+    drift_psi_inputs: float = Field(default=0.25, gt=0, description="PSI above which brightness, resolution, aspect "
+                                    "ratio or the greyscale share drift.")
+    drift_psi_unfamiliar: float = Field(default=0.25, gt=0, description="PSI above which the unfamiliar rate drifts.")
+    monitor_every_s: float = Field(default=10.0, gt=0, description="Seconds between background checks (drift, "
+                                   "queue sizes for /metrics).")
+    monitor_max_rows: int = Field(default=100_000, ge=1000, description="Predictions the Monitor tab and the report "
+                                  "read at most per period (the latest ones).")
+    metrics_token: SecretStr | None = Field(default=None, description="If set, GET /metrics needs "
+                                            "'Authorization: Bearer <token>'.")
 
     @field_validator("examples_dir")
     @classmethod

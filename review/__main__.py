@@ -1,4 +1,4 @@
-"""``python -m review export|audit-dataset|import-dataset|rescore|reconcile|purge|hash-password`` (LOUPE_* env)."""
+"""``python -m review export|audit-dataset|import-dataset|rescore|reconcile|purge|report|hash-password`` (LOUPE_* env)."""
 
 from __future__ import annotations
 
@@ -49,7 +49,24 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument("--days", type=float, help="default: LOUPE_RETENTION_DAYS")
     g.add_argument("--dry-run", action="store_true")
     sub.add_parser("hash-password", help="print a password hash for LOUPE_REVIEWERS (reads the password)")
+    m = sub.add_parser("report", help="write the Monitor tab's plots and figures for a period as ONE self-contained "
+                       "HTML file")
+    m.add_argument("--since", required=True, type=_day, help="first day (UTC), e.g. 2026-11-01")
+    m.add_argument("--until", type=_day, help="day after the last (UTC); default: now")
+    m.add_argument("--out", type=Path, default=Path("report.html"))
+    m.add_argument("--version", help="model version whose classes, inputs and drift are shown (default: the "
+                   "registry's current version, else the configured model)")
     return p
+
+
+def _day(text: str):
+    from datetime import UTC, datetime
+
+    try:
+        return datetime.fromisoformat(text).replace(tzinfo=UTC) if len(text) <= 10 else \
+            datetime.fromisoformat(text).astimezone(UTC)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a date (YYYY-MM-DD)") from None
 
 
 def _read_password() -> str:
@@ -145,6 +162,12 @@ def _run(args) -> int:
         settings = Settings()
     except ValidationError as e:
         raise ReviewError(f"invalid configuration (LOUPE_* environment variables):\n{e}") from None
+    if args.command == "report":
+        from review.report import write_report
+
+        print(json.dumps(write_report(settings, since=args.since, until=args.until, out=args.out,
+                                      version=args.version), indent=2))
+        return 0
     store = ReviewStore(settings)
     if args.command in ("audit-dataset", "import-dataset"):
         import warnings

@@ -95,6 +95,8 @@ class Prediction(Base):
     width: Mapped[int | None] = mapped_column(Integer)
     height: Mapped[int | None] = mapped_column(Integer)
     brightness: Mapped[float | None] = mapped_column(Float)
+    # mean chroma (model/reference.py): greyscale share for drift alarms; measured by the writer like brightness
+    saturation: Mapped[float | None] = mapped_column(Float)
     feedback_correct: Mapped[bool | None] = mapped_column(Boolean)
     claimed_label: Mapped[str | None] = mapped_column(String(200))
     loss: Mapped[float | None] = mapped_column(Float)  # known once a label is claimed
@@ -103,6 +105,8 @@ class Prediction(Base):
         # rescoring walks the labelled predictions only
         Index("ix_predictions_claimed", "image_sha256", postgresql_where=text("claimed_label IS NOT NULL"),
               sqlite_where=text("claimed_label IS NOT NULL")),
+        # the drift window: a version's latest predictions (review/monitor.py), without sorting the whole log
+        Index("ix_predictions_model_created", "model_version", "created"),
     )
 
 

@@ -12,11 +12,15 @@ from sqlalchemy import func, or_, select
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
+from model.reference import measure
 from review import scoring
 from review.db import Model, Prediction, QueueEntry, StoredImage
 from review.imagestore import ImageStore
 from review.types import DATASET, HIGH_LOSS, REASONS, USER_FLAGGED
-from serving.imageio import ImageRejected, image_stats
+from serving.imageio import ImageRejected
+
+# What the writer measures from the decoded upload when the request did not (model.reference.measure)
+MEASURED = ("brightness", "saturation")
 
 log = logging.getLogger(__name__)
 
@@ -49,10 +53,10 @@ class PredictionRecord:
     data: bytes | None = field(default=None, repr=False)
     claimed_label: str | None = None
     # False when storing uploads is off or the store is full: no file, no review, and the bytes never reach
-    # the disk (not even the spool); the writer only measures them (brightness) and drops them.
+    # the disk (not even the spool); the writer only measures them (brightness, saturation) and drops them.
     keep_image: bool = True
     image_sha256: str | None = None
-    stats: dict = field(default_factory=dict)  # width/height from the request; brightness if missing: the writer
+    stats: dict = field(default_factory=dict)  # width/height from the request; MEASURED if missing: the writer
 
     image_row: dict | None = None  # set once the file is written, so a retried batch does not lose it
     # Dataset audits (review.audit): the label's quality score; the item is queued (reason "dataset") iff
@@ -101,7 +105,7 @@ class StoreOutcome:
 
 
 def store_images(records: list[PredictionRecord], store: ImageStore, *, refuse: bool = False) -> StoreOutcome:
-    """Decode each record's upload once: measure what the request path left out (brightness) and write the
+    """Decode each record's upload once: measure what the request path left out (MEASURED) and write the
     image file (idempotent) if it is to be kept. No database access. ``refuse``: the storage guard says the
     store is full, so no new file is written. A record whose file cannot be written keeps its prediction row,
     without an image; the caller reports ``error`` (health) instead of losing the prediction."""
@@ -109,15 +113,15 @@ def store_images(records: list[PredictionRecord], store: ImageStore, *, refuse: 
     for rec in records:
         data, rec.data = rec.data, None  # free the upload as soon as it is dealt with
         store_it = rec.keep_image and not refuse
-        if data is None or not (store_it or "brightness" not in rec.stats):
+        if data is None or not (store_it or _unmeasured(rec.stats)):
             continue
         try:
             img, lossless_source = store.decode(data)
         except ImageRejected as exc:  # accepted at request time, so limits changed or the bytes are damaged
             log.warning("prediction %s: image not stored: %s", rec.id, exc.args[0])
             continue
-        if "brightness" not in rec.stats:  # JPEGs decode at reduced scale: the mean stays the same
-            rec.stats = {**rec.stats, "brightness": image_stats(img)["brightness"]}
+        if _unmeasured(rec.stats):  # JPEGs decode at reduced scale: the means stay the same
+            rec.stats = {**{k: v for k, v in measure(img).items() if k in MEASURED}, **rec.stats}
         if not store_it:
             continue
         try:
@@ -167,7 +171,8 @@ def prediction_rows(records: list[PredictionRecord], th: Thresholds) -> tuple[li
                 "probs": [round(float(p), 6) for p in probs[i]], "confidence": float(conf[i]),
                 "margin": float(marg[i]), "entropy": float(ent[i]), "latency_ms": float(rec.latency_ms),
                 "width": rec.stats.get("width"), "height": rec.stats.get("height"),
-                "brightness": rec.stats.get("brightness"), "feedback_correct": None,
+                "brightness": rec.stats.get("brightness"), "saturation": rec.stats.get("saturation"),
+                "feedback_correct": None,
                 "claimed_label": rec.claimed_label, "loss": None if math.isnan(loss[i]) else float(loss[i]),
             }
             preds.append(row)
@@ -259,6 +264,10 @@ def apply_feedback(session: Session, records: list[FeedbackRecord], th: Threshol
                    "model_version": pred.model_version, "created": pred.created}
             session.flush()
             upsert_queue(session, [queue_row(row, int(mask[0]), float(prio[0]), th)])
+
+
+def _unmeasured(stats: dict) -> bool:
+    return any(k not in stats for k in MEASURED)
 
 
 def _unique(rows: list[dict], key: str) -> list[dict]:

@@ -129,8 +129,8 @@ class ReviewStore:
         ``data``: the upload's encoded bytes as received (at most settings.max_upload_bytes; the writer decodes,
         shrinks and stores them in the background). ``stats``: what the caller knows of the decoded image, at
         least its (EXIF-rotated) width and height: ``image_stats(img, brightness=False)`` costs nothing; a
-        missing brightness is measured by the writer. With a spool, the record is in it when this returns: the
-        id survives a kill -9 (see review.spool).
+        missing brightness or saturation is measured by the writer. With a spool, the record is in it when this
+        returns: the id survives a kill -9 (see review.spool).
         """
         if model.version not in self._vocabs:
             raise ReviewError(f"model {model.version} is not registered; call register_model first")

@@ -68,20 +68,30 @@ def stats(img: Image.Image) -> dict:
     return image_stats(img, brightness=False)
 
 
+class Observer(Protocol):
+    """Sees every batch once (serving.metrics.Metrics): its results, or that it failed."""
+
+    def observed(self, items: Sequence[Input], results: Sequence[Result]) -> None: ...
+
+    def failed(self, items: Sequence[Input]) -> None: ...
+
+
 class Pipeline:
     def __init__(self, router: ModelRouter, log: PredictionLog, *, max_bytes: int, max_pixels: int, top_k: int,
-                 shadow=None):
+                 shadow=None, observer: Observer | None = None):
         self.router = router
         self.log = log
         self.shadow = shadow  # serving.shadow.ShadowScorer, or None: no shadow scoring
         self.max_bytes = max_bytes
         self.max_pixels = max_pixels
         self.top_k = top_k
+        self.observer = observer
 
     @classmethod
-    def from_settings(cls, settings, router: ModelRouter, log: PredictionLog, shadow=None) -> Pipeline:
+    def from_settings(cls, settings, router: ModelRouter, log: PredictionLog, shadow=None,
+                      observer: Observer | None = None) -> Pipeline:
         return cls(router, log, max_bytes=settings.max_upload_bytes, max_pixels=settings.max_pixels,
-                   top_k=settings.top_k, shadow=shadow)
+                   top_k=settings.top_k, shadow=shadow, observer=observer)
 
     def decode_bytes(self, data: bytes) -> Image.Image:
         return decode_image(data, max_bytes=self.max_bytes, max_pixels=self.max_pixels)
@@ -100,6 +110,17 @@ class Pipeline:
 
     def predict(self, items: Sequence[Input]) -> list[Result]:
         """One result per item, in order: an Answer, the ImageRejected that says what is wrong, or None (no image)."""
+        if self.observer is None:
+            return self._predict(items)
+        try:
+            out = self._predict(items)
+        except Exception:
+            self.observer.failed(items)
+            raise
+        self.observer.observed(items, out)
+        return out
+
+    def _predict(self, items: Sequence[Input]) -> list[Result]:
         start = time.perf_counter()
         decoded = [self.decode(item) for item in items]
         routes = self.router.routes()  # one snapshot for the whole batch: a swap never splits it

@@ -134,7 +134,9 @@ def post(client, name: str, data: bytes, ctype: str = "image/jpeg"):
 
 def test_healthz_and_model(api, demo_predictor):
     client, _, _ = api
-    assert client.get("/healthz").json() == {"status": "ok", "model": demo_predictor.info.version}
+    health = client.get("/healthz").json()
+    assert {k: health[k] for k in ("status", "model")} == {"status": "ok", "model": demo_predictor.info.version}
+    assert set(health) == {"status", "model", "drift"}  # drift: the monitor's latest check (tests/test_monitor.py)
     model = client.get("/api/v1/model").json()
     assert model["classes"] == list(demo_predictor.info.vocab) and model["sha256"] == demo_predictor.info.sha256
 

@@ -34,7 +34,7 @@ def test_promote_and_rollback_under_eight_clients_fail_nothing(tmp_path, exporte
 
     path, sha = exported("pad224")
     settings = rf.make_settings(tmp_path, f"sqlite:///{tmp_path / 'loupe.db'}", gate_min_shadowed=0)
-    parts = assemble(settings, demo_predictor, rescore=False)
+    parts = assemble(settings, demo_predictor, rescore=False, watch=False)
     store, router = parts.store, parts.router
     demo_version = demo_predictor.info.version
     cand = store.transaction(lambda s: versions.register(s, name="pads", sha256=sha, path=path, now=store.clock(),

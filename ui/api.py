@@ -1,5 +1,5 @@
 """Plain REST API beside Gradio: ``POST /api/v1/predict``, ``POST /api/v1/feedback``, ``GET /api/v1/model``,
-``GET /healthz``.
+``GET /healthz``, ``GET /metrics`` (Prometheus).
 
 A FastAPI route costs ~5 ms of HTTP overhead against ~28 ms for Gradio's protocol (baselines.md), so
 programmatic clients get this. It bypasses Gradio's queue, hence the ``Gate``: a few requests run, a
@@ -12,10 +12,11 @@ headers and then nothing hold a reading slot for at most ``body_timeout_s`` and 
 
 from __future__ import annotations
 
+import hmac
 import time
 
 from fastapi import APIRouter, HTTPException, Request
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, Field
 from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import FormData, UploadFile
@@ -110,17 +111,36 @@ class Feedback(BaseModel):
                               max_length=200)
 
 
-def build_api_router(settings, pipeline: Pipeline, store, gate: Gate) -> APIRouter:
+def build_api_router(settings, pipeline: Pipeline, store, gate: Gate, monitor=None) -> APIRouter:
     api = ApiHandlers(settings, pipeline, gate)
     models = pipeline.router
     router = APIRouter()
+    metrics = monitor.metrics if monitor is not None else None
 
     @router.get("/healthz")
     async def healthz() -> dict:
         # Cheap on purpose (Docker HEALTHCHECK polls it): no model call, no database. "degraded" stays HTTP 200:
         # predictions are still answered, only not (fully) logged, and a restart would not fix a full or
-        # read-only disk; monitoring reads the status field and its problems.
-        return {**store.health(), "model": models.current.info.version}
+        # read-only disk; monitoring reads the status field and its problems. Drift is its own field (the latest
+        # background check, review/monitor.py): inputs changing is no reason to restart anything.
+        out = {**store.health(), "model": models.current.info.version}
+        if monitor is not None:
+            out["drift"] = monitor.health()
+        return out
+
+    if metrics is not None:
+        token = settings.metrics_token.get_secret_value().encode() if settings.metrics_token else None
+
+        @router.get("/metrics", include_in_schema=False)
+        def prometheus_metrics(request: Request) -> Response:
+            """Prometheus text format (serving/metrics.py). Rendered in a worker thread: it reads only memory."""
+            if token is not None:
+                given = request.headers.get("authorization", "").removeprefix("Bearer ").encode()
+                if not hmac.compare_digest(given, token):
+                    return error(401, "Send Authorization: Bearer <LOUPE_METRICS_TOKEN>.",
+                                 headers={"WWW-Authenticate": "Bearer"})
+            body, content_type = metrics.render()
+            return Response(body, media_type=content_type)
 
     @router.get("/api/v1/model")
     async def model() -> dict:
@@ -148,6 +168,8 @@ def build_api_router(settings, pipeline: Pipeline, store, gate: Gate) -> APIRout
         try:
             return await api.read_and_predict(request, start, session)
         except Busy as e:
+            if metrics is not None:
+                metrics.busy("api")
             return error(503, str(e), headers={"Retry-After": str(RETRY_AFTER_S)})
 
     @router.post("/api/v1/feedback", responses={404: {"description": "Unknown prediction_id"},

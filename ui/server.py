@@ -26,11 +26,13 @@ from starlette.concurrency import run_in_threadpool
 from starlette.middleware.cors import CORSMiddleware
 
 from serving.gate import Gate
+from serving.metrics import GradioBusyCounter
 from ui.api import build_api_router
 from ui.body_timeout import BodyTimeoutMiddleware
 from ui.http_guard import HttpGuard, PathAlias
 from ui.http_headers import SecurityHeaders
 from ui.models_tab import models_tab
+from ui.monitor_tab import monitor_tabs
 from ui.predict_tab import build_predict_app, model_workers
 from ui.review_login import install_review_login
 from ui.upload_store import UploadStore, gradio_folder, prepare_folder
@@ -69,23 +71,25 @@ def hardening(settings) -> dict:
     )
 
 
-def build_server(settings, *, pipeline, store, desk, gate: Gate | None = None) -> FastAPI:
+def build_server(settings, *, pipeline, store, desk, gate: Gate | None = None, monitor=None) -> FastAPI:
     """The whole HTTP surface. ``pipeline`` answers predictions (its router says which model); ``store`` takes
-    feedback; ``desk`` serves reviewers."""
+    feedback; ``desk`` serves reviewers; ``monitor`` (review.monitor.Monitor) feeds /metrics, the drift field of
+    /healthz and the reviewers' Monitor tab."""
     uploads = _gradio_files(settings)
     app = FastAPI(title="Loupe", docs_url="/api/docs", redoc_url=None, openapi_url="/api/openapi.json",
                   lifespan=functools.partial(_sweep_uploads, uploads))
     if gate is None:
         # As many REST predictions run at once as Gradio's model group; queue_max_size more may wait.
         gate = Gate(concurrency=model_workers(settings), max_waiting=settings.queue_max_size)
-    app.include_router(build_api_router(settings, pipeline, store, gate))
+    app.include_router(build_api_router(settings, pipeline, store, gate, monitor))
     # Gradio's logout (and people typing the address) land on /review without the slash, which the
     # public mount at "/" would answer with 404.
     app.add_api_route("/review", lambda: RedirectResponse("/review/"), include_in_schema=False)
     if settings.hf_sign_in:
         _share_oauth_session(app, settings)
     install_review_login(app, settings, desk)  # before the mount: shadows Gradio's blocking /review/login
-    review = _mount_review(app, settings, desk, tabs=[models_tab(settings, store, pipeline)])
+    review = _mount_review(app, settings, desk, tabs=[models_tab(settings, store, pipeline),
+                                                      *monitor_tabs(settings, monitor)])
     public = build_predict_app(settings, pipeline, store, uploads=uploads)
     gr.mount_gradio_app(app, public, path="/", **hardening(settings))
     for blocks in (public, review):
@@ -93,6 +97,8 @@ def build_server(settings, *, pipeline, store, desk, gate: Gate | None = None) -
         # event inputs off. The guard below is the real check; this one stays as a second layer.
         blocks.has_launched = True
     uploads.set_static(_config_paths(public.config, uploads.folder))
+    if monitor is not None and monitor.metrics is not None:
+        app.add_middleware(GradioBusyCounter, metrics=monitor.metrics)  # innermost: sees Gradio's own 503s
     _install_middleware(app, settings, uploads)
     return app
 
