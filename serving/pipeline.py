@@ -16,7 +16,8 @@ from typing import Protocol
 import numpy as np
 from PIL import Image
 
-from model.predictor import ModelInfo, top_k
+from model.predictor import ModelInfo, ThreadPlan, top_k
+from serving.batcher import Batcher
 from serving.imageio import ImageRejected, decode_image
 from serving.router import ModelRouter
 
@@ -41,6 +42,7 @@ class Answer:
     latency_ms: float
     prediction_id: str | None  # None when not logged
     top_k: dict[str, float]  # most probable first (the shape gr.Label takes)
+    features: np.ndarray | None = None  # (D,) the classifier's input (model/graph.py), None if the model has none
 
     @property
     def label(self) -> str:
@@ -60,8 +62,10 @@ class PredictionLog(Protocol):
 
 
 class Pipeline:
-    def __init__(self, router: ModelRouter, log: PredictionLog, *, max_bytes: int, max_pixels: int, top_k: int):
+    def __init__(self, router: ModelRouter, log: PredictionLog, *, max_bytes: int, max_pixels: int, top_k: int,
+                 batcher: Batcher | None = None):
         self.router = router
+        self.batcher = batcher or Batcher()
         self.log = log
         self.max_bytes = max_bytes
         self.max_pixels = max_pixels
@@ -69,8 +73,10 @@ class Pipeline:
 
     @classmethod
     def from_settings(cls, settings, router: ModelRouter, log: PredictionLog) -> Pipeline:
+        # Requests from every front end share one batcher (serving/batcher.py), lanes as the ThreadPlan says.
+        batcher = Batcher(ThreadPlan.from_settings(settings).lanes, settings.max_batch_size)
         return cls(router, log, max_bytes=settings.max_upload_bytes, max_pixels=settings.max_pixels,
-                   top_k=settings.top_k)
+                   top_k=settings.top_k, batcher=batcher)
 
     def decode(self, item: Input) -> Image.Image | ImageRejected | None:
         if item.data is None:
@@ -94,23 +100,24 @@ class Pipeline:
             if isinstance(img, Image.Image):
                 model = routes.answering(item.session)
                 groups.setdefault(id(model), (model, []))[1].append(i)
-        answered: dict[int, tuple] = {}  # item index -> (predictor, probability row)
+        answered: dict[int, tuple] = {}  # item index -> (predictor, probability row, feature row or None)
         for model, idx in groups.values():
-            for i, row in zip(idx, model.predict_probs([decoded[i] for i in idx]), strict=True):
-                answered[i] = (model, row)
+            probs, feats = self.batcher.predict(model, [decoded[i] for i in idx])
+            for k, (i, row) in enumerate(zip(idx, probs, strict=True)):
+                answered[i] = (model, row, None if feats is None else feats[k])
         latency_ms = (time.perf_counter() - start) * 1000
         out: list[Result] = []
         for i, (item, img) in enumerate(zip(items, decoded, strict=True)):
             if i not in answered:
                 out.append(img)  # rejected or empty: nothing logged, nothing stored
                 continue
-            model, row = answered[i]
+            model, row, feat = answered[i]
             pid = None
             if item.log:
                 pid = self.log.log_prediction(model=model.info, data=item.data, image=img, probs=row,
                                               source=item.source, latency_ms=latency_ms,
                                               claimed_label=item.claimed_label)
-            out.append(Answer(row, model.info, latency_ms, pid, top_k(row, model.info.vocab, self.top_k)))
+            out.append(Answer(row, model.info, latency_ms, pid, top_k(row, model.info.vocab, self.top_k), feat))
         return out
 
     def predict_one(self, item: Input) -> Result:

@@ -17,7 +17,7 @@ from fastapi.responses import RedirectResponse
 from serving.gate import Gate
 from ui.api import build_api_router
 from ui.body_timeout import BodyTimeoutMiddleware
-from ui.predict_tab import build_predict_app, model_workers
+from ui.predict_tab import build_predict_app, model_slots
 
 CSS = """
 #prediction-label, #live-label { min-height: 12rem; }
@@ -58,7 +58,7 @@ def build_server(settings, *, pipeline, store, desk, gate: Gate | None = None) -
     app.add_middleware(BodyTimeoutMiddleware, timeout_s=settings.body_timeout_s, min_rate=settings.body_min_rate)
     if gate is None:
         # As many REST predictions run at once as Gradio's model group; queue_max_size more may wait.
-        gate = Gate(concurrency=model_workers(settings), max_waiting=settings.queue_max_size)
+        gate = Gate(concurrency=model_slots(settings), max_waiting=settings.queue_max_size)
     app.include_router(build_api_router(settings, pipeline, gate))
     # Gradio's logout (and people typing the address) land on /review without the slash, which the
     # public mount at "/" would answer with 404.
