@@ -49,6 +49,27 @@ def _reflect(x: np.ndarray, twice_low: int, twice_high: int) -> np.ndarray:
     return np.where(flips % 2 == 0, extra + lo, span - extra + lo)
 
 
+def _pad_index(ix: np.ndarray, size: int, pad_mode: str, align_corners: bool) -> np.ndarray:
+    # GridSampler.h compute_coordinates: border clips; reflection reflects, then clips; zeros leaves it alone
+    if pad_mode in ("border", "reflection"):
+        if pad_mode == "reflection":
+            ix = _reflect(ix, 0, 2 * (size - 1)) if align_corners else _reflect(ix, -1, 2 * size - 1)
+        ix = np.clip(ix, 0, size - 1)
+    elif pad_mode != "zeros":
+        raise ValueError(f"unknown padding mode {pad_mode!r}")
+    return ix
+
+
+def _cubic(t: np.ndarray) -> list[np.ndarray]:
+    # UpSample.h get_cubic_upsample_coefficients, A = -0.75: taps at floor(x) - 1 .. floor(x) + 2
+    a = -0.75
+    x1, x2 = t, 1 - t
+    return [((a * (x1 + 1) - 5 * a) * (x1 + 1) + 8 * a) * (x1 + 1) - 4 * a,
+            ((a + 2) * x1 - (a + 3)) * x1 * x1 + 1,
+            ((a + 2) * x2 - (a + 3)) * x2 * x2 + 1,
+            ((a * (x2 + 1) - 5 * a) * (x2 + 1) + 8 * a) * (x2 + 1) - 4 * a]
+
+
 def grid_sample_matrix(coords: np.ndarray, size: int, mode: str, pad_mode: str, align_corners: bool) -> np.ndarray:
     """(len(coords), size) weights of F.grid_sample along one axis, for normalised float32 grid coordinates."""
     c = coords.astype(np.float32)
@@ -58,21 +79,20 @@ def grid_sample_matrix(coords: np.ndarray, size: int, mode: str, pad_mode: str, 
     else:
         ix = ((c + one) * np.float32(size) - one) / two
     ix = ix.astype(np.float64)
-    if pad_mode in ("border", "reflection"):
-        if pad_mode == "reflection":
-            ix = _reflect(ix, 0, 2 * (size - 1)) if align_corners else _reflect(ix, -1, 2 * size - 1)
-        ix = np.clip(ix, 0, size - 1)
-    elif pad_mode != "zeros":
-        raise ValueError(f"unknown padding mode {pad_mode!r}")
-    m = np.zeros((len(c), size))
-    rows = np.arange(len(c))
     if mode == "nearest":
-        taps = [(np.rint(ix), np.ones_like(ix))]  # nearbyint: round half to even
+        taps = [(np.rint(_pad_index(ix, size, pad_mode, align_corners)), np.ones_like(ix))]  # round half to even
     elif mode == "bilinear":
+        ix = _pad_index(ix, size, pad_mode, align_corners)
         x0 = np.floor(ix)
         taps = [(x0, 1 - (ix - x0)), (x0 + 1, ix - x0)]
+    elif mode == "bicubic":  # padding applies to each tap's index, not to the coordinate
+        x0 = np.floor(ix)
+        taps = [(np.trunc(_pad_index(x0 + k, size, pad_mode, align_corners)), w)
+                for k, w in zip(range(-1, 3), _cubic(ix - x0), strict=True)]
     else:
         raise ValueError(f"unsupported grid_sample mode {mode!r}")
+    m = np.zeros((len(c), size))
+    rows = np.arange(len(c))
     for idx, w in taps:
         ok = (idx >= 0) & (idx < size)  # out of bounds: zeros padding (border/reflection never get here)
         np.add.at(m, (rows[ok], idx[ok].astype(int)), w[ok])

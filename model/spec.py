@@ -145,7 +145,7 @@ def _batch_steps(learn, spec: PreprocessSpec) -> tuple[float, list[dict]]:
 
 def _add_resample(steps: list[dict], shape: tuple, size, mode: str, pad_mode, align_corners, crop) -> tuple:
     out = (int(size), int(size)) if isinstance(size, int) else (int(size[0]), int(size[1]))  # torch order (h, w)
-    if mode not in ("bilinear", "nearest"):
+    if mode not in ("bilinear", "nearest", "bicubic"):
         raise Unsupported(f"batch resize with grid_sample mode {mode!r}")
     # in_size: (h, w) before the crop; crop: [top, left, h, w] or None; size: (h, w) after.
     steps.append({"op": "resample", "in_size": list(shape[1:]), "size": list(out), "mode": str(mode),

@@ -102,7 +102,7 @@ RESIZE_CASES = [((460, 460), (224, 224), None),  # the book's presizing: an area
 
 @pytest.mark.parametrize("align_corners", [True, False])
 @pytest.mark.parametrize("pad_mode", ["reflection", "border", "zeros"])
-@pytest.mark.parametrize("mode", ["bilinear", "nearest"])
+@pytest.mark.parametrize("mode", ["bilinear", "nearest", "bicubic"])
 def test_batch_resize_replays_fastai_affine_coord(mode, pad_mode, align_corners):
     """The graph's batch resize equals fastai's own validation-time affine_coord (identity grid_sample)."""
     import torch
