@@ -7,18 +7,22 @@ until its own rows are in (a "leader/follower" queue: no thread to start, stop o
 
 How many run at once, and on how many threads (``ThreadPlan``, model/predictor.py):
 
-* **alone**: nothing else running, one job waiting (one person, an idle machine): it runs on the session with
-  every core (``LOUPE_INTRA_OP_THREADS``), and holds every lane meanwhile, so nothing piles onto its threads.
-  This is what gets a single request under ``learn.predict``'s time: fastai uses all cores for one image.
+* **alone**: the only prediction in flight (one person, an idle server; a caller still preparing its images
+  counts): it runs on the session with every core (``LOUPE_INTRA_OP_THREADS``), and holds every lane
+  meanwhile, so nothing piles onto its threads. This is what gets one request under ``learn.predict``'s time,
+  which uses every core for one image too (resnet34 @224: ORT forward 38 ms at 2 threads, 66 ms at 1).
 * **under load**: the waiting jobs are split evenly over the free lanes (``LOUPE_MODEL_WORKERS``, one per core
-  by default), each lane running its share as one batch on a session of ``threads // lanes`` threads. Batches
-  on 1-thread sessions side by side beat one 2-thread session on the same work (bench/README.md, "Threads and
-  batching": no barrier waits between threads, which a busy box makes long), and batching itself adds ~1.2x
-  at 224 px.
+  by default), each lane running its share as one batch on a session of ``threads // lanes`` threads. Lanes
+  of one thread waste nothing on hand-overs between threads, which a busy box makes long; the cores not
+  running a forward pass serve HTTP, decoding and the prediction log meanwhile.
 
-Rejected: one model thread with every core for every batch (slower under load, measured); a fixed wait to let
-batches fill (adds that wait to every idle request; under load the queue fills by itself while lanes are
-busy); a session per lane (twice the memory for nothing: ORT runs one session from several threads).
+Measured on the 2-core box (bench/README.md, "Threads and batching"): under 8 clients, 1-thread lanes use less
+server CPU per request than one session on every core; a 1-thread forward costs the same CPU per image at
+any batch size (resnet18: 34 ms at batch 1 to 16), so a lane starts as soon as work waits, never waiting for
+a batch to fill; batching pays where threads must meet (a multi-thread lane, LOUPE_MODEL_WORKERS=1) and
+costs nothing elsewhere. Rejected: one session with every core for every batch (more CPU per request under
+load, measured); a fixed wait to fill batches (adds that wait to an idle request and saves no CPU); a model
+thread (one more hop per request; callers run the batches instead).
 """
 
 from __future__ import annotations
@@ -51,30 +55,37 @@ class Batcher:
         self._cond = threading.Condition()
         self._pending: deque[_Job] = deque()
         self._busy = 0  # lanes in use; a batch run alone holds all of them
+        self._callers = 0  # predictions in flight here, from before their prepare() to their answer
 
     def predict(self, model, images: Sequence) -> tuple[np.ndarray, np.ndarray | None]:
         """(probabilities, features or None) for ``images``, computed in a batch with whatever else is waiting."""
         if not hasattr(model, "prepare"):  # a stand-in predictor (tests): answers directly, no features
             return np.asarray(model.predict_probs(images)), None
-        job = _Job(model, model.prepare(images))
         with self._cond:
-            self._pending.append(job)
-        while True:
+            self._callers += 1
+        try:
+            job = _Job(model, model.prepare(images))
             with self._cond:
-                while not job.done and not (self._pending and self._busy < self.lanes):
-                    self._cond.wait()
-                if job.done:
-                    break
-                jobs, alone = self._take()
-            self._run(jobs, alone)
+                self._pending.append(job)
+            while True:
+                with self._cond:
+                    while not job.done and not (self._pending and self._busy < self.lanes):
+                        self._cond.wait()
+                    if job.done:
+                        break
+                    jobs, alone = self._take()
+                self._run(jobs, alone)
+        finally:
+            with self._cond:
+                self._callers -= 1
         if job.error is not None:
             raise job.error
         return job.probs, job.features
 
     def _take(self) -> tuple[list[_Job], bool]:
         """Called under the lock with work waiting and a lane free: this caller's share of the queue."""
-        # Alone: nothing runs beside it (one lane, or one job waiting on an idle batcher): every thread.
-        alone = self._busy == 0 and (self.lanes == 1 or len(self._pending) == 1)
+        # Alone: nothing runs beside it (one lane, or the only prediction in flight): every thread.
+        alone = self._busy == 0 and (self.lanes == 1 or (len(self._pending) == 1 and self._callers == 1))
         share = -(-len(self._pending) // (self.lanes - self._busy))  # an even split over the free lanes
         first = self._pending.popleft()
         jobs, size, skipped = [first], len(first.batch), deque()

@@ -98,6 +98,31 @@ def test_under_load_the_queue_is_split_over_the_lanes():
     assert {k: v[0][0, 0] for k, v in out.items() if k != "first"} == {k: v[0] for k, v in calls.items()}
 
 
+def test_a_caller_still_preparing_counts_as_in_flight():
+    """Two requests at once (one still resizing its image): the first one does not take every core."""
+
+    class SlowPrepare(RecordingModel):
+        def __init__(self):
+            super().__init__()
+            self.preparing, self.prepared = threading.Event(), threading.Event()
+
+        def prepare(self, images):
+            if images == ["slow"]:
+                self.preparing.set()
+                assert self.prepared.wait(30)
+                images = [5.0]
+            return super().prepare(images)
+
+    batcher, model, out = Batcher(lanes=2, max_batch=8), SlowPrepare(), {}
+    slow = _start(batcher, model, {"slow": ["slow"]}, out)
+    assert model.preparing.wait(10)
+    probs, _ = batcher.predict(model, [1.0])
+    model.prepared.set()
+    slow[0].join(10)
+    assert probs.tolist() == [[1.0, -1.0]] and out["slow"][0].tolist() == [[5.0, -5.0]]
+    assert model.runs == [(1, False), (1, True)]  # the first on a lane; the last one, alone by then, on every core
+
+
 def test_batches_stop_at_max_batch_and_keep_models_apart():
     batcher, model, other, out = Batcher(lanes=1, max_batch=3), RecordingModel(), RecordingModel(), {}
     model.hold.clear()
