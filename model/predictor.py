@@ -32,8 +32,8 @@ class ThreadPlan:
     a forward that runs alone is fastest with every core (resnet34 @224: 38 ms at 2 threads, 66 ms at 1), but
     under load, batches on 1-thread sessions side by side out-run one 2-thread session (no barrier waits
     between the threads, and a busy box can make 2 threads slower than 1). So a batch runs on ``threads``
-    threads when it is alone (nothing else running or waiting), else on one of ``lanes`` sessions of
-    ``lane_threads`` threads (serving/batcher.py decides)."""
+    threads when it is alone (the only prediction in flight), else on one of ``lanes`` lanes side by side, each
+    on ``lane_threads`` threads (one ORT session serves them all; serving/batcher.py decides)."""
 
     threads: int = 1  # LOUPE_INTRA_OP_THREADS, default: every core
     lanes: int = 1  # LOUPE_MODEL_WORKERS, default: one per core

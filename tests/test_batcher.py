@@ -174,3 +174,17 @@ def test_concurrent_callers_get_exactly_their_own_answers(demo_predictor):
     got_feats = np.concatenate([out[i][1] for i in range(len(images))])
     assert np.abs(got_probs - expected_probs).max() <= 1e-5
     assert np.abs(got_feats - expected_feats).max() <= 1e-4
+
+
+@pytest.mark.parametrize(("env", "plan"), [
+    ({}, (4, 4, 1)),  # alone: every core; under load: a 1-thread lane per core
+    ({"intra_op_threads": 1}, (1, 4, 1)),  # a busy box: never more than one thread per forward
+    ({"model_workers": 1}, (4, 1, 4)),  # one session with every core for everything
+    ({"intra_op_threads": 4, "model_workers": 2}, (4, 2, 2)),
+])
+def test_thread_plan_from_settings(env, plan, tmp_path):
+    from model.predictor import ThreadPlan
+    from settings import Settings
+
+    got = ThreadPlan.from_settings(Settings(data_dir=tmp_path, **env), cores=4)
+    assert (got.threads, got.lanes, got.lane_threads) == plan
