@@ -12,7 +12,9 @@ Variants, interleaved (shuffled order every iteration), batch of one image:
   loupe, lane              for information: the same image on a lane session (what each lane runs under load,
                            threads // lanes threads)
   bare ORT                 session.run on the already prepared tensor, Loupe's own session (logits + features)
-  bare ORT, logits only    the same fetching only `logits`: the difference is the cost of the `features` output
+  bare ORT, logits only    the same fetching only `logits`; then --pairs back-to-back pairs of the two: their
+                           median difference is the cost of the `features` output (ORT computes that tensor
+                           anyway, on the way to the logits: returning it is a copy)
 Targets: loupe / learn.predict <= 0.75 for every model (issue 7 item 15); loupe / bare ORT <= 1.15 (resnet18, 224 px).
 Models: demo (embedded), resnet18 and resnet34 (the book's RandomResizedCrop recipe @224), presize (Resize(460) +
 aug_transforms(size=224), a 640 px photo), bw (PILImageBW, 1-channel resnet18 @224); see bench/common.KINDS.
@@ -49,7 +51,7 @@ from bench.common import (
 )
 
 
-def bench_model(model: str, n: int) -> None:
+def bench_model(model: str, n: int, pairs: int) -> None:
     import torch
     from fastai.learner import load_learner
 
@@ -121,11 +123,10 @@ def bench_model(model: str, n: int) -> None:
         lane = [k for k in times if k.startswith("loupe, lane")]
         if lane:
             info.append(f"{lane[0]} / learn.predict at 1 thread = {p50(times[lane[0]]) / p50(times['learn.predict, 1 thread']):.3f}x")
-        # Paired: both ran in the same iteration, so the difference cancels the box's drift.
-        extra = float(np.median(times["bare ORT"] - times["bare ORT, logits only"]))
-        info.append(f"features output ({_feature_width(predictor, x)} wide): median paired cost {extra:+.3f} ms = "
-                    f"{extra / ort_logits * 100:+.1f} % of the forward (bare ORT with / without it, p50: "
-                    f"{ort / ort_logits:.3f}x)")
+        extra, base = features_cost(sess, name, x, pairs)
+        info.append(f"features output ({_feature_width(predictor, x)} wide): {extra:+.3f} ms = {extra / base * 100:+.2f} % "
+                    f"of the forward (median of {pairs} back-to-back pairs with / without fetching it; "
+                    f"interleaved p50s above: {ort / ort_logits:.3f}x)")
         if model == "demo":  # a ~0.3 ms forward: any preprocessing at all dominates this ratio
             info.append(f"loupe / bare ORT = {lo / ort:.3f}x, i.e. +{lo - ort:.2f} ms of preprocessing + softmax "
                         f"around a {ort:.2f} ms forward")
@@ -137,6 +138,22 @@ def bench_model(model: str, n: int) -> None:
         print(f"  info: {line}")
 
 
+def features_cost(sess, name: str, x, pairs: int) -> tuple[float, float]:
+    """(median ms the `features` output adds, median ms without it), from back-to-back pairs in alternating
+    order: each pair sees the same moment of a noisy box, so their difference is the output's own cost."""
+    diffs, base = [], []
+    for i in range(pairs):
+        order = ((None, ["logits"]) if i % 2 else (["logits"], None))
+        t = {}
+        for outputs in order:
+            start = time.perf_counter()
+            sess.run(outputs, {name: x})
+            t[outputs is None] = (time.perf_counter() - start) * 1000
+        diffs.append(t[True] - t[False])
+        base.append(t[False])
+    return float(np.median(diffs)), float(np.median(base))
+
+
 def _feature_width(predictor, x) -> int | None:
     return predictor.run(x)[1].shape[1] if predictor.has_features else None
 
@@ -144,11 +161,12 @@ def _feature_width(predictor, x) -> int | None:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--n", type=int, default=60, help="timed iterations per variant (default %(default)s)")
+    ap.add_argument("--pairs", type=int, default=100, help="back-to-back pairs for the features output's cost")
     ap.add_argument("--models", nargs="+", default=list(ALL_MODELS), help="default: %(default)s")
     args = ap.parse_args(argv)
     warnings.filterwarnings("ignore")
     for model in available_models(args.models):
-        bench_model(model, args.n)
+        bench_model(model, args.n, args.pairs)
     return summary()
 
 
