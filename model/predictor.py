@@ -14,6 +14,7 @@ and ``run(batch, alone)`` (the forward pass; ``alone``: nothing else is running 
 from __future__ import annotations
 
 import io
+import logging
 import os
 import threading
 from collections.abc import Sequence
@@ -24,6 +25,8 @@ import numpy as np
 from PIL import Image
 
 from model.preprocess import PreprocessSpec, preprocess_batch
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -147,23 +150,35 @@ class TorchPredictor:
         self._activation = getattr(learn.loss_func, "activation", None)
         # fastai's transforms keep per-call state (RandTransform.before_call); serialise them.
         self._tfm_lock = threading.Lock()
-        self._run_lock = threading.Lock()  # one forward at a time; also guards the feature hook's list
+        self._run_lock = threading.Lock()  # one forward at a time
         self.info = info
         self.plan = plan
-        self._seen: list = []
+        # The feature hook records only inside run(), for that thread (learn.predict elsewhere must not mix in).
+        self._local = threading.local()
         self.feature_layer = self._hook_features()
         self.has_features = self.feature_layer is not None
 
     def _hook_features(self) -> str | None:
         from model.graph import find_feature_layer
 
-        # prepare() converts to the learner's own mode (PNG bytes through its type transform).
-        found = find_feature_layer(self._learn.model, self._torch.from_numpy(self.prepare([Image.new("RGB", (64, 64))])))
+        try:
+            # prepare() converts to the learner's own mode (PNG bytes through its type transform).
+            found = find_feature_layer(self._learn.model,
+                                       self._torch.from_numpy(self.prepare([Image.new("RGB", (64, 64))])))
+        except Exception as e:  # noqa: BLE001 - the exact path must serve even where the features cannot be found
+            log.warning("no features output for %s: a probe forward pass failed (%s: %s)", self.info.version,
+                        type(e).__name__, str(e)[:200])
+            return None
         if found is None:
             return None
         layer = dict(self._learn.model.named_modules())[found[0]]
-        layer.register_forward_hook(lambda module, args, output: self._seen.append(args[0]))
+        layer.register_forward_hook(self._keep_input)
         return found[0]
+
+    def _keep_input(self, module, args, output) -> None:
+        seen = getattr(self._local, "seen", None)
+        if seen is not None:
+            seen.append(args[0])
 
     def prepare(self, images: Sequence[Image.Image]) -> np.ndarray:
         # PNG bytes go through the learner's own type transform (PILImage.create, mode conversion),
@@ -180,11 +195,14 @@ class TorchPredictor:
 
     def run(self, batch: np.ndarray, alone: bool = True) -> tuple[np.ndarray, np.ndarray | None]:
         torch = self._torch
-        with self._run_lock, torch.inference_mode():
-            self._seen.clear()
-            out = self._learn.model(torch.from_numpy(batch))
-            probs = self._activation(out) if self._activation is not None else torch.softmax(out, dim=1)
-            feats = self._seen[-1].float().numpy().copy() if self._seen else None
+        self._local.seen = seen = []
+        try:
+            with self._run_lock, torch.inference_mode():
+                out = self._learn.model(torch.from_numpy(batch))
+                probs = self._activation(out) if self._activation is not None else torch.softmax(out, dim=1)
+        finally:
+            self._local.seen = None
+        feats = seen[-1].float().numpy().copy() if seen else None
         return probs.float().cpu().numpy(), feats
 
     def predict(self, images: Sequence[Image.Image]) -> tuple[np.ndarray, np.ndarray | None]:
