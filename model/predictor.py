@@ -89,22 +89,40 @@ class OnnxPredictor:
 
     def __init__(self, onnx_path: Path, spec: PreprocessSpec, info: ModelInfo, plan: ThreadPlan = ThreadPlan(),
                  feature_layer: str | None = None):
+        self.spec = spec
+        self.info = info
+        self.plan = plan
         self._alone = _session(onnx_path, plan.threads, spin=True)
-        self._lane = self._alone if plan.lane_threads == plan.threads else _session(onnx_path, plan.lane_threads,
-                                                                                     spin=False)
+        self._lane = self._alone
+        self._lane_ready = threading.Event()
+        if plan.lane_threads == plan.threads:
+            self._lane_ready.set()
+        else:
+            # Lanes only run under load: their session is built beside the start-up (ORT releases the GIL
+            # meanwhile), not before the server may answer; a first lane run waits for it.
+            threading.Thread(target=self._build_lane, args=(onnx_path, plan.lane_threads), name="ort-lane-session",
+                             daemon=True).start()
         self._input = self._alone.get_inputs()[0].name
         outputs = [o.name for o in self._alone.get_outputs()]
         self._outputs = outputs[:2]
         self.has_features = len(outputs) > 1
         self.feature_layer = feature_layer if self.has_features else None
-        self.spec = spec
-        self.info = info
-        self.plan = plan
+
+    def _build_lane(self, onnx_path: Path, threads: int) -> None:
+        try:
+            self._lane = _session(onnx_path, threads, spin=False)
+        except Exception:  # noqa: BLE001 - the file loaded a moment ago; lanes can still share the other session
+            log.exception("could not build the %d-thread lane session; lanes use the %d-thread session",
+                          threads, self.plan.threads)
+        finally:
+            self._lane_ready.set()
 
     def prepare(self, images: Sequence[Image.Image]) -> np.ndarray:
         return preprocess_batch(list(images), self.spec)
 
     def run(self, batch: np.ndarray, alone: bool = True) -> tuple[np.ndarray, np.ndarray | None]:
+        if not alone:
+            self._lane_ready.wait()
         out = (self._alone if alone else self._lane).run(self._outputs, {self._input: batch})
         return softmax(out[0]), (out[1] if self.has_features else None)
 
