@@ -14,7 +14,7 @@ Batch steps (model/spec.py reads them from ``learn.dls.valid.after_batch``, in f
   ``F.grid_sample`` with the transform's mode, padding_mode and align_corners. With a fixed input size that
   whole chain is a fixed linear map, separable in height and width: we compute each axis's weights once at
   export time (float64, with torch's own float32 grid coordinates), keep the few non-zero taps per output
-  pixel, and replay them as gathers and sums, rows first (measured, 460 -> 224 px, batch 1: 14 ms gathers,
+  pixel, and replay them as gathers and sums, rows first (measured at load 11, 460 -> 224 px, batch 1: 14 ms gathers,
   22 ms dense matmuls, ~290 ms ORT's GridSample after an area resize; ONNX has no adaptive pooling for
   non-divisible sizes). Equal to fastai within float rounding (tests compare against fastai's own
   affine_coord for every mode/padding/align_corners, up- and downscaling).
