@@ -58,10 +58,11 @@ def _start(batcher, model, calls, out):
 
 
 def test_one_request_runs_at_once_alone():
-    model = RecordingModel()
-    probs, feats = Batcher(lanes=2, max_batch=8).predict(model, [3.0])
-    assert model.runs == [(1, True)]
+    model, batcher = RecordingModel(), Batcher(lanes=2, max_batch=8)
+    probs, feats = batcher.predict(model, [3.0])
     assert probs.tolist() == [[3.0, -3.0]] and feats.tolist() == [[30.0]]
+    batcher.predict(model, [4.0])  # a sequential client: never two in flight, every request on every core
+    assert model.runs == [(1, True), (1, True)]
 
 
 def test_requests_waiting_meanwhile_share_one_forward_pass():
@@ -98,8 +99,10 @@ def test_under_load_the_queue_is_split_over_the_lanes():
     assert {k: v[0][0, 0] for k, v in out.items() if k != "first"} == {k: v[0] for k, v in calls.items()}
 
 
-def test_a_caller_still_preparing_counts_as_in_flight():
-    """Two requests at once (one still resizing its image): the first one does not take every core."""
+@pytest.mark.parametrize(("calm_s", "last_alone"), [(0.0, True), (60.0, False)])
+def test_a_caller_still_preparing_counts_as_in_flight(calm_s, last_alone):
+    """Two requests at once (one still resizing its image): the first one does not take every core. The last one
+    is alone by the time it runs, but takes every core only once the server has been calm for calm_s."""
 
     class SlowPrepare(RecordingModel):
         def __init__(self):
@@ -113,14 +116,14 @@ def test_a_caller_still_preparing_counts_as_in_flight():
                 images = [5.0]
             return super().prepare(images)
 
-    batcher, model, out = Batcher(lanes=2, max_batch=8), SlowPrepare(), {}
+    batcher, model, out = Batcher(lanes=2, max_batch=8, calm_s=calm_s), SlowPrepare(), {}
     slow = _start(batcher, model, {"slow": ["slow"]}, out)
     assert model.preparing.wait(10)
     probs, _ = batcher.predict(model, [1.0])
     model.prepared.set()
     slow[0].join(10)
     assert probs.tolist() == [[1.0, -1.0]] and out["slow"][0].tolist() == [[5.0, -5.0]]
-    assert model.runs == [(1, False), (1, True)]  # the first on a lane; the last one, alone by then, on every core
+    assert model.runs == [(1, False), (1, last_alone)]
 
 
 def test_batches_stop_at_max_batch_and_keep_models_apart():
