@@ -30,7 +30,10 @@ class Settings(BaseSettings):
     )
     model_name: str | None = Field(default=None, description="Shown in the UI; defaults to the file name.")
     backend: Literal["auto", "onnx", "torch"] = "auto"
-    intra_op_threads: int = Field(default=1, ge=1, description="Threads per forward pass.")
+    intra_op_threads: int | None = Field(
+        default=None, ge=1, description="Threads of a forward pass that runs alone (one request in flight); default "
+        "every core. Set 1 on a box other programs keep busy (2 threads there were measured slower than 1)."
+    )
     top_k: int = Field(default=5, ge=1)
 
     # --- serving -----------------------------------------------------------
@@ -38,8 +41,11 @@ class Settings(BaseSettings):
     port: int = Field(default=7860, validation_alias=AliasChoices("LOUPE_PORT", "GRADIO_SERVER_PORT"))
     max_upload_mb: float = Field(default=10.0, gt=0)
     max_pixels: int = Field(default=40_000_000, gt=0, description="Images whose header says more are refused.")
-    model_workers: int | None = Field(default=None, ge=1, description="Model batches run at once; default "
-                                      "cores // intra_op_threads.")
+    model_workers: int | None = Field(
+        default=None, ge=1, description="Model batches that run side by side under load, each on "
+        "intra_op_threads // model_workers threads (at least 1); default one per core. Set it in containers with "
+        "a CPU quota (the core count seen is the host's)."
+    )
     max_batch_size: int = Field(default=8, ge=1)
     queue_max_size: int = Field(default=16, ge=1, description="Requests waiting beyond this get 'busy'.")
     stream_every: float = Field(default=0.5, gt=0)

@@ -27,7 +27,15 @@ if str(ROOT) not in sys.path:  # `python bench/x.py` as well as `python -m bench
     sys.path.insert(0, str(ROOT))
 CACHE = Path(os.environ.get("LOUPE_BENCH_CACHE", Path(tempfile.gettempdir()) / "loupe-bench-cache"))
 RESNET = "rrc224_aug_imagenet"  # tests/learners.py kind: resnet18 @224, RandomResizedCrop + aug + ImageNet stats
+# bench model name -> tests/learners.py kind (all trained from scratch on the fly, cached under CACHE)
+KINDS = {
+    "resnet18": RESNET,  # the book's bear recipe: RandomResizedCrop(224, min_scale=0.5) + aug_transforms()
+    "resnet34": "rrc224_aug_imagenet_r34",  # the same recipe on resnet34
+    "presize": "presize460_224_r18",  # chapter 5's presizing: Resize(460) + aug_transforms(size=224), resnet18
+    "bw": "bw224_r18",  # PILImageBW, a 1-channel resnet18 @224
+}
 MODELS = ("demo", "resnet18")
+ALL_MODELS = ("demo", *KINDS)
 
 
 # ---- models ------------------------------------------------------------------------------------------
@@ -50,14 +58,16 @@ def cached_export(kind: str = RESNET) -> tuple[Path, str]:
 
 
 def model_file(model: str) -> tuple[Path, str]:
-    """(export.pkl, sha256) for "demo" (the embedded model) or "resnet18"."""
+    """(export.pkl, sha256) for "demo" (the embedded model) or a name in KINDS."""
     if model == "demo":
         from model.demo import DEMO_EXPORT, DEMO_SHA256
 
         if not DEMO_EXPORT.is_file():
             raise FileNotFoundError(f"demo model not built yet: {DEMO_EXPORT} (python -m model.demo)")
         return DEMO_EXPORT, DEMO_SHA256
-    return cached_export(RESNET)
+    if model not in KINDS:
+        raise FileNotFoundError(f"unknown bench model {model!r}; known: demo, {', '.join(KINDS)}")
+    return cached_export(KINDS[model])
 
 
 def model_env(model: str) -> dict[str, str]:
@@ -109,15 +119,16 @@ def seed_data_dir(model: str, dest: Path) -> Path:
 
 # ---- images ------------------------------------------------------------------------------------------
 def sample_image(model: str = "resnet18", seed: int = 0, size: int | None = None) -> Image.Image:
-    """resnet18: a photo-like 224 px RGB image (smooth gradients + noise); demo: a held-out digit at 280 px
-    (the Sketchpad's size). Distinct seeds give distinct bytes (the image store dedups identical images)."""
+    """A photo-like RGB image (smooth gradients + noise): 224 px, or 640 px for "presize" (what a Resize(460)
+    presizer is meant for); demo: a held-out digit at 280 px (the Sketchpad's size). Distinct seeds give
+    distinct bytes (the image store dedups identical images)."""
     rng = np.random.default_rng(seed)
     if model == "demo":
         imgs = _digits(size or 280)
         arr = np.asarray(imgs[seed % len(imgs)]).copy()
         arr[0, 0] = rng.integers(0, 256, 3)  # one pixel: unique bytes, same digit
         return Image.fromarray(arr)
-    s = size or 224
+    s = size or (640 if model == "presize" else 224)
     yy, xx = np.mgrid[0:s, 0:s]
     base = np.stack([xx * 255 // s, yy * 255 // s, (xx + yy) * 128 // s], -1) + rng.integers(0, 40, (s, s, 3))
     return Image.fromarray(np.clip(base, 0, 255).astype(np.uint8), "RGB")
@@ -168,6 +179,11 @@ def table(headers: list[str], rows: list[list]) -> None:
     print("  ".join("-" * w for w in widths))
     for r in cells:
         print("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)))
+
+
+def load_average() -> str:
+    """The 1-minute load average, for every figure: on a shared box it says how much the figure is worth."""
+    return f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores"
 
 
 RESULTS: list[tuple[str, bool]] = []

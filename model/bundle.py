@@ -1,8 +1,11 @@
 """Serving bundles: a trusted export converted once into ONNX + a JSON spec, cached by the export's sha256.
 
-Layout: ``<cache_dir>/<export sha256>/{model.onnx, bundle.json}``. ``bundle.json`` holds the
-preprocessing spec, the vocab, the ONNX file's own sha256 (checked on every load) and the verification
-result. A bundle is only written after its answers matched ``learn.predict`` on probe images.
+Layout: ``<cache_dir>/<export sha256>/{model.onnx, bundle.json}``. ``model.onnx`` is the serving graph
+(model/graph.py: the validation-time batch transforms, then ``learn.model``; outputs ``logits`` and
+``features``). ``bundle.json`` holds the per-image preprocessing spec, the batch steps and feature layer baked
+into the graph (for readers; the graph is what runs), the vocab, the ONNX file's own sha256 (checked on every
+load) and the verification result. A bundle is only written after its answers matched ``learn.predict`` on
+probe images.
 
 Signed bundles. What is trusted: the export, once its sha256 is pinned, and the operator's environment.
 What is not: the cache dir. The app writes it, so anyone else who can (a shared volume, a restored backup,
@@ -32,6 +35,7 @@ import logging
 import os
 import shutil
 import tempfile
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -41,7 +45,9 @@ from PIL import Image
 from model.preprocess import PreprocessSpec
 
 log = logging.getLogger(__name__)
-BUNDLE_FORMAT = 3  # 3: bundle.json signed; 2: weights inside model.onnx (1: in an unhashed .data file)
+# 4: batch transforms (resize, Normalize) inside the graph, 1-channel inputs, a `features` output;
+# 3: bundle.json signed; 2: weights inside model.onnx (1: in an unhashed .data file)
+BUNDLE_FORMAT = 4
 TOLERANCE = 1e-4  # max |p_served - p_learn.predict| accepted, per class
 
 
@@ -55,6 +61,11 @@ class Bundle:
     spec: PreprocessSpec
     vocab: tuple[str, ...]
     max_error: float
+    graph: dict  # {"batch_steps": [...], "features": {"layer": name, "dim": D} | None}
+
+    @property
+    def feature_layer(self) -> str | None:
+        return (self.graph.get("features") or {}).get("layer")
 
 
 def sha256_file(path: Path) -> str:
@@ -100,7 +111,8 @@ def load_bundle(cache_dir: Path, export_sha256: str, key: bytes) -> Bundle | Non
         if sha256_file(onnx_path) != meta["onnx_sha256"]:
             log.warning("cached bundle %s is damaged (ONNX hash mismatch); rebuilding", d)
             return None
-        return Bundle(onnx_path, PreprocessSpec.from_dict(meta["spec"]), tuple(meta["vocab"]), meta["max_error"])
+        return Bundle(onnx_path, PreprocessSpec.from_dict(meta["spec"]), tuple(meta["vocab"]), meta["max_error"],
+                      meta["graph"])
     except (ValueError, KeyError, TypeError) as e:
         log.warning("cached bundle %s is unreadable (%s); rebuilding", d, e)
         return None
@@ -131,36 +143,46 @@ def reference_probs(learn, images: list[Image.Image]) -> np.ndarray:
     return np.stack(rows)
 
 
-def _export_onnx(learn, spec: PreprocessSpec, path: Path) -> None:
+def _export_onnx(learn, spec: PreprocessSpec, steps: list[dict], path: Path) -> dict | None:
+    """Export the serving graph; returns its feature layer ({"layer", "dim"}) or None (no ``features`` output)."""
     import torch
 
+    from model.graph import FEATURES, batch_steps_module, find_feature_layer, serving_graph
+
     model = copy.deepcopy(learn.model).cpu().eval()
-    x = torch.zeros(2, 3, spec.size[1], spec.size[0])
+    x = torch.zeros(2, 1 if spec.mode == "L" else 3, spec.size[1], spec.size[0])
+    with torch.inference_mode():
+        found = find_feature_layer(model, batch_steps_module(steps)(x))
+    graph = serving_graph(model, steps, found[0] if found else None).eval()
     # The exporter prints (and logs at INFO) pages of diagnostics; keep them out of the user's console.
     noisy = [logging.getLogger(n) for n in ("onnx_ir", "onnxscript", "torch.onnx", "torch.export")]
     levels = [lg.level for lg in noisy]
     for lg in noisy:
         lg.setLevel(logging.WARNING)
-    with open(os.devnull, "w") as sink, contextlib.redirect_stdout(sink), contextlib.redirect_stderr(sink):
+    with open(os.devnull, "w") as sink, contextlib.redirect_stdout(sink), contextlib.redirect_stderr(sink), \
+            warnings.catch_warnings():
+        # The feature hook keeps its tensor in a plain list on purpose (model/graph.py); torch.export warns.
+        warnings.filterwarnings("ignore", message="The tensor attribute")
         try:
             torch.onnx.export(
-                model, (x,), str(path), input_names=["input"], output_names=["logits"],
+                graph, (x,), str(path), input_names=["input"], output_names=["logits"] + ([FEATURES] if found else []),
                 dynamic_shapes=({0: torch.export.Dim("batch", min=1, max=256)},), dynamo=True,
                 external_data=False,  # weights inside model.onnx, so the bundle's onnx_sha256 covers them
             )
         finally:
             for lg, level in zip(noisy, levels, strict=True):
                 lg.setLevel(level)
+    return {"layer": found[0], "dim": found[1]} if found else None
 
 
-def build_bundle(learn, export_sha256: str, cache_dir: Path, vocab: list[str], key: bytes,
-                 threads: int = 1) -> Bundle:
+def build_bundle(learn, export_sha256: str, cache_dir: Path, vocab: list[str], key: bytes, plan=None) -> Bundle:
     """Convert, verify against learn.predict, sign, then publish atomically into the cache. Raises BundleError."""
-    from model.predictor import ModelInfo, OnnxPredictor
+    from model.graph import describe
+    from model.predictor import ModelInfo, OnnxPredictor, ThreadPlan
     from model.spec import Unsupported, extract_spec
 
     try:
-        spec = extract_spec(learn)
+        spec, steps = extract_spec(learn)
     except Unsupported as e:
         raise BundleError(f"preprocessing cannot be replayed outside fastai: {e}") from e
     cache_dir.mkdir(parents=True, exist_ok=True)
@@ -168,12 +190,12 @@ def build_bundle(learn, export_sha256: str, cache_dir: Path, vocab: list[str], k
     try:
         onnx_path = tmp / "model.onnx"
         try:
-            _export_onnx(learn, spec, onnx_path)
+            features = _export_onnx(learn, spec, steps, onnx_path)
         except Exception as e:  # noqa: BLE001 - any exporter failure means "use the torch path", with its reason
             raise BundleError(f"ONNX export failed: {type(e).__name__}: {str(e)[:300]}") from e
         images = probe_images()
         info = ModelInfo("probe", export_sha256, tuple(vocab), "onnx")
-        served = OnnxPredictor(onnx_path, spec, info, threads).predict_probs(images)
+        served = OnnxPredictor(onnx_path, spec, info, plan or ThreadPlan()).predict_probs(images)
         expected = reference_probs(learn, images)
         if served.shape != expected.shape:
             raise BundleError(f"ONNX output shape {served.shape} differs from learn.predict's {expected.shape}")
@@ -183,6 +205,7 @@ def build_bundle(learn, export_sha256: str, cache_dir: Path, vocab: list[str], k
         meta = {
             "format": BUNDLE_FORMAT, "export_sha256": export_sha256, "onnx_sha256": sha256_file(onnx_path),
             "spec": json.loads(spec.to_json()), "vocab": list(vocab), "max_error": err,
+            "graph": {"batch_steps": steps, "features": features},
         }
         meta["signature"] = signature(meta, key)
         (tmp / "bundle.json").write_text(json.dumps(meta, indent=1))
@@ -193,8 +216,10 @@ def build_bundle(learn, export_sha256: str, cache_dir: Path, vocab: list[str], k
         log.info("Checked the fast serving copy of your model against fastai's own predictions on %d test images: "
                  "they agree to within %s. Saved in %s, so later starts skip this step.", len(images),
                  np.format_float_positional(err, precision=1, unique=False, fractional=False, trim="-"), final)
-        log.debug("bundle %s: max |served - learn.predict| = %.3e over %d probe images", final, err, len(images))
-        return Bundle(final / "model.onnx", spec, tuple(vocab), err)
+        log.debug("bundle %s: max |served - learn.predict| = %.3e over %d probe images; batch steps in the graph: %s; "
+                  "features: %s", final, err, len(images), describe(steps),
+                  f"{features['dim']} from layer {features['layer']}" if features else "none")
+        return Bundle(final / "model.onnx", spec, tuple(vocab), err, meta["graph"])
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from model.bundle import BundleError, build_bundle, bundle_key, load_bundle
-from model.predictor import ModelInfo, OnnxPredictor, TorchPredictor
+from model.predictor import ModelInfo, OnnxPredictor, ThreadPlan, TorchPredictor
 
 log = logging.getLogger(__name__)
 
@@ -104,14 +104,14 @@ def load_predictor(settings, source: ModelSource | None = None):
 
     src = source or model_source(settings)
     data, digest = read_pinned(src)
-    threads = settings.intra_op_threads
+    plan = ThreadPlan.from_settings(settings)
     # Signs and checks the cached bundle (model/bundle.py): from the pinned bytes and the operator's secret.
     key = bundle_key(data, settings.bundle_key.get_secret_value() if settings.bundle_key else None)
     if settings.backend != "torch":
         bundle = load_bundle(settings.cache_dir, digest, key)
         if bundle is not None:
             info = ModelInfo(src.name, digest, bundle.vocab, "onnx")
-            return OnnxPredictor(bundle.onnx_path, bundle.spec, info, threads)
+            return OnnxPredictor(bundle.onnx_path, bundle.spec, info, plan, bundle.feature_layer)
 
     log.info("loading %s (first start with this model: converting it for fast serving)", src.path)
     learn = unpickle_learner(data, src.path)
@@ -122,16 +122,16 @@ def load_predictor(settings, source: ModelSource | None = None):
     reason = "LOUPE_BACKEND=torch"
     if settings.backend != "torch":
         try:
-            bundle = build_bundle(learn, digest, settings.cache_dir, vocab, key, threads)
+            bundle = build_bundle(learn, digest, settings.cache_dir, vocab, key, plan)
             return OnnxPredictor(bundle.onnx_path, bundle.spec, ModelInfo(src.name, digest, tuple(vocab), "onnx"),
-                                 threads)
+                                 plan, bundle.feature_layer)
         except BundleError as e:
             if settings.backend == "onnx":
                 raise ModelLoadError(f"Model file {src.path}: {e}. Unset LOUPE_BACKEND to allow the torch path.") \
                     from None
             reason = str(e)
             log.warning("serving %s through torch (exact, slower): %s", src.path, reason)
-    predictor = TorchPredictor(learn, ModelInfo(src.name, digest, tuple(vocab), "torch", reason), threads)
+    predictor = TorchPredictor(learn, ModelInfo(src.name, digest, tuple(vocab), "torch", reason), plan)
     _check_torch_path(learn, predictor, src.path)
     return predictor
 

@@ -1,11 +1,12 @@
 """Validation-time preprocessing of a fastai image learner, replayed with PIL and numpy.
 
-``learn.predict`` runs fastai's validation pipeline: an item transform that resizes
-(``Resize`` with crop/pad/squish, or ``RandomResizedCrop``'s validation branch), ``ToTensor``,
-``IntToFloatTensor`` and optionally ``Normalize``. Every geometric step below copies fastai's
-``crop_pad`` arithmetic (including its integer truncation and torchvision's padding) so that the
-served pixels are the very pixels the learner would see; the golden tests hold us to 1e-4 on the
-probabilities. Nothing here imports torch or fastai: a server with a cached bundle never does.
+``learn.predict`` runs fastai's validation pipeline: the input type's mode conversion (``PILImage``: RGB,
+``PILImageBW``: L), an item transform that resizes (``Resize`` with crop/pad/squish, or ``RandomResizedCrop``'s
+validation branch), ``ToTensor`` and ``IntToFloatTensor``; then the batch transforms (a batch resize,
+``Normalize``), which live in the ONNX graph (model/graph.py). Every geometric step below copies fastai's
+``crop_pad`` arithmetic (including its integer truncation and torchvision's padding) so that the served pixels
+are the very pixels the learner would see; the golden tests hold us to 1e-4 on the probabilities. Nothing here
+imports torch or fastai: a server with a cached bundle never does.
 """
 
 from __future__ import annotations
@@ -17,12 +18,13 @@ import numpy as np
 from PIL import Image, ImageOps
 
 METHODS = ("crop", "pad", "squish", "rrc_valid")
+MODES = ("RGB", "L")  # PILImage, PILImageBW
 PAD_MODES = {"zeros": "constant", "border": "edge", "reflection": "reflect"}
 
 
 @dataclass(frozen=True)
 class PreprocessSpec:
-    """What fastai does to one RGB image at validation time, as plain data (JSON-serialisable)."""
+    """What fastai does to one image before its batch transforms, as plain data (JSON-serialisable)."""
 
     size: tuple[int, int]  # final (width, height)
     method: str  # one of METHODS
@@ -30,10 +32,11 @@ class PreprocessSpec:
     resample: int = int(Image.Resampling.BILINEAR)
     val_final: tuple[int, int] | None = None  # rrc_valid: squish to this size, then centre-crop to `size`
     div: float = 255.0
-    mean: tuple[float, float, float] | None = None
-    std: tuple[float, float, float] | None = None
+    mode: str = "RGB"  # the input type's PIL mode: one of MODES
 
     def __post_init__(self) -> None:
+        if self.mode not in MODES:
+            raise ValueError(f"unknown image mode {self.mode!r}")
         if self.method not in METHODS:
             raise ValueError(f"unknown resize method {self.method!r}")
         if self.pad_mode not in PAD_MODES:
@@ -54,7 +57,8 @@ def _pad(img: Image.Image, ltrb: tuple[int, int, int, int], pad_mode: str) -> Im
     if mode == "constant":
         return ImageOps.expand(img, border=ltrb, fill=0)
     left, top, right, bottom = ltrb
-    arr = np.pad(np.asarray(img), ((top, bottom), (left, right), (0, 0)), mode)
+    arr = np.asarray(img)
+    arr = np.pad(arr, ((top, bottom), (left, right), *([(0, 0)] if arr.ndim == 3 else [])), mode)
     return Image.fromarray(arr)
 
 
@@ -79,7 +83,7 @@ def _crop_pad(
 
 
 def resize_like_fastai(img: Image.Image, spec: PreprocessSpec) -> Image.Image:
-    """The item transform at validation time: RGB PIL image in, RGB PIL image of ``spec.size`` out."""
+    """The item transform at validation time: a PIL image in ``spec.mode`` in, one of ``spec.size`` out."""
     w, h = orig = img.size
     tw, th = spec.size
     if spec.method == "squish":
@@ -100,15 +104,15 @@ def resize_like_fastai(img: Image.Image, spec: PreprocessSpec) -> Image.Image:
 
 
 def to_input_array(img: Image.Image, spec: PreprocessSpec) -> np.ndarray:
-    """Resized RGB image -> float32 CHW array, scaled and normalised as fastai's batch transforms do."""
-    x = np.asarray(img, dtype=np.uint8).astype(np.float32).transpose(2, 0, 1) / np.float32(spec.div)
-    if spec.mean is not None and spec.std is not None:
-        mean = np.asarray(spec.mean, dtype=np.float32).reshape(3, 1, 1)
-        std = np.asarray(spec.std, dtype=np.float32).reshape(3, 1, 1)
-        x = (x - mean) / std
-    return np.ascontiguousarray(x, dtype=np.float32)
+    """Resized image -> float32 CHW array, scaled as fastai's ToTensor + IntToFloatTensor do."""
+    x = np.asarray(img, dtype=np.uint8)
+    x = x[None] if x.ndim == 2 else x.transpose(2, 0, 1)
+    return np.ascontiguousarray(x.astype(np.float32) / np.float32(spec.div), dtype=np.float32)
 
 
 def preprocess_batch(images: list[Image.Image], spec: PreprocessSpec) -> np.ndarray:
-    """RGB images of any size -> one (N, 3, H, W) float32 batch."""
-    return np.stack([to_input_array(resize_like_fastai(im, spec), spec) for im in images])
+    """Images of any size and mode -> one (N, C, H, W) float32 batch (C: 3 for RGB, 1 for L), the graph's input.
+
+    Mode conversion is PIL's, as PILImageBW.create's ``load_image(mode='L')`` does (ITU-R 601-2 luma)."""
+    return np.stack([to_input_array(resize_like_fastai(im if im.mode == spec.mode else im.convert(spec.mode), spec),
+                                    spec) for im in images])

@@ -2,6 +2,9 @@
 
 A few requests run, a few more wait, the rest are told at once that the server is busy:
 an overloaded server should answer "try again" in milliseconds, not make everyone wait.
+"Run" covers reading the spooled upload, decoding, the model and logging; there are more run slots
+(ui.predict_tab.model_slots) than model lanes, so requests that wait for a lane meet in the pipeline's batcher
+(serving/batcher.py) and go through the model together.
 Admission is a separate, non-blocking step so a caller can refuse a request *before* handing it to
 a worker thread; running waits for a free slot.
 

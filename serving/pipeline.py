@@ -16,7 +16,8 @@ from typing import Protocol
 import numpy as np
 from PIL import Image
 
-from model.predictor import ModelInfo, top_k
+from model.predictor import ModelInfo, ThreadPlan, top_k
+from serving.batcher import Batcher
 from serving.imageio import ImageRejected, decode_image, image_stats
 from serving.router import ModelRouter
 from serving.shadow import ShadowJob
@@ -45,6 +46,7 @@ class Answer:
     latency_ms: float
     prediction_id: str | None  # None when not logged
     top_k: dict[str, float]  # most probable first (the shape gr.Label takes)
+    features: np.ndarray | None = None  # (D,) the classifier's input (model/graph.py), None if the model has none
 
     @property
     def label(self) -> str:
@@ -78,8 +80,9 @@ class Observer(Protocol):
 
 class Pipeline:
     def __init__(self, router: ModelRouter, log: PredictionLog, *, max_bytes: int, max_pixels: int, top_k: int,
-                 shadow=None, observer: Observer | None = None):
+                 shadow=None, observer: Observer | None = None, batcher: Batcher | None = None):
         self.router = router
+        self.batcher = batcher or Batcher()
         self.log = log
         self.shadow = shadow  # serving.shadow.ShadowScorer, or None: no shadow scoring
         self.max_bytes = max_bytes
@@ -90,8 +93,10 @@ class Pipeline:
     @classmethod
     def from_settings(cls, settings, router: ModelRouter, log: PredictionLog, shadow=None,
                       observer: Observer | None = None) -> Pipeline:
+        # Requests from every front end share one batcher (serving/batcher.py), lanes as the ThreadPlan says.
+        batcher = Batcher(ThreadPlan.from_settings(settings).lanes, settings.max_batch_size)
         return cls(router, log, max_bytes=settings.max_upload_bytes, max_pixels=settings.max_pixels,
-                   top_k=settings.top_k, shadow=shadow, observer=observer)
+                   top_k=settings.top_k, shadow=shadow, observer=observer, batcher=batcher)
 
     def decode_bytes(self, data: bytes) -> Image.Image:
         return decode_image(data, max_bytes=self.max_bytes, max_pixels=self.max_pixels)
@@ -129,10 +134,11 @@ class Pipeline:
             if isinstance(img, Image.Image):
                 model = routes.answering(item.session)
                 groups.setdefault(id(model), (model, []))[1].append(i)
-        answered: dict[int, tuple] = {}  # item index -> (predictor, probability row)
+        answered: dict[int, tuple] = {}  # item index -> (predictor, probability row, feature row or None)
         for model, idx in groups.values():
-            for i, row in zip(idx, model.predict_probs([decoded[i] for i in idx]), strict=True):
-                answered[i] = (model, row)
+            probs, feats = self.batcher.predict(model, [decoded[i] for i in idx])
+            for k, (i, row) in enumerate(zip(idx, probs, strict=True)):
+                answered[i] = (model, row, None if feats is None else feats[k])
         latency_ms = (time.perf_counter() - start) * 1000
         # Logging may wait for room in the log's queue: not while holding decoded pixels (a 40-megapixel upload is
         # ~120 MB of them). The log gets the bytes as received and the sizes; its writer does the rest.
@@ -143,13 +149,13 @@ class Pipeline:
             if i not in answered:
                 out.append(result)  # rejected or empty: nothing logged, nothing stored
                 continue
-            model, row = answered[i]
+            model, row, feat = answered[i]
             pid = None
             if item.log:
                 pid = self.log.log_prediction(model=model.info, data=item.data, stats=result, probs=row,
                                               source=item.source, latency_ms=latency_ms,
                                               claimed_label=item.claimed_label)
-            out.append(Answer(row, model.info, latency_ms, pid, top_k(row, model.info.vocab, self.top_k)))
+            out.append(Answer(row, model.info, latency_ms, pid, top_k(row, model.info.vocab, self.top_k), feat))
         self._shadow(routes, items, out)
         return out
 

@@ -30,10 +30,10 @@ def make_color_dataset(root: Path, per_class: int = 6, seed: int = 0) -> Path:
     return root
 
 
-def _tiny_cnn(n_out: int):
+def _tiny_cnn(n_out: int, n_in: int = 3):
     from fastai.vision.all import ConvLayer, Flatten, nn
 
-    return nn.Sequential(ConvLayer(3, 8, stride=2), ConvLayer(8, 16, stride=2), ConvLayer(16, 16, stride=2),
+    return nn.Sequential(ConvLayer(n_in, 8, stride=2), ConvLayer(8, 16, stride=2), ConvLayer(16, 16, stride=2),
                          nn.AdaptiveAvgPool2d(1), Flatten(), nn.Linear(16, n_out))
 
 
@@ -43,17 +43,32 @@ KINDS = {
     "pad224": dict(item="pad", size=224, arch="tiny", aug=False, norm=False),
     "squish224": dict(item="squish", size=224, arch="tiny", aug=False, norm=True),
     "crop_nonsquare_96x160": dict(item="crop", size=(96, 160), arch="tiny", aug=True, norm=False),
-    # Only a grid_sample resize on the batch: not replayable, must fall back to the exact torch path.
-    "affine_resize_fallback": dict(item="squish", size=80, arch="tiny", aug="sized", norm=False),
+    # Presizing (the book's chapter 5), small: Resize(160) per item, then aug_transforms(size=64) resizes the
+    # batch (AffineCoordTfm(size): identity grid_sample at validation, after an area pre-pass since 160/64 > 2).
+    "presize_160to64": dict(item="crop", size=160, arch="tiny", aug="presize", batch_size=64, norm=True),
+    # The same with min_scale < 1, as the book writes it: RandomResizedCropGPU (a centre crop, then grid_sample).
+    "presize_rrcgpu_80to64": dict(item="squish", size=80, arch="tiny", aug="presize_rrc", batch_size=64,
+                                  norm=False),
+    # Single-channel input: PILImageBW (files converted to "L"), a 1-channel model, 1-channel Normalize stats.
+    "bw_48": dict(item="crop", size=48, arch="tiny", aug=False, norm="bw", bw=True),
+    # An item transform with no exact replay: must fall back to the exact torch path.
+    "croppad_fallback": dict(item="croppad", size=64, arch="tiny", aug=False, norm=False),
+    # Bench only (bench/predict_latency.py): the book's recipes at full size.
+    "rrc224_aug_imagenet_r34": dict(item="rrc", size=224, arch="resnet34", aug=True, norm=True),
+    "presize460_224_r18": dict(item="crop", size=460, arch="resnet18", aug="presize", batch_size=224, norm=True),
+    "bw224_r18": dict(item="rrc", size=224, arch="resnet18", aug=True, norm="bw", bw=True),
 }
 
 
 def build_learner(kind: str, data: Path):
     """A freshly trained (1 short epoch) learner of the given kind."""
     from fastai.vision.all import (
+        CropPad,
         ImageDataLoaders,
         Learner,
         Normalize,
+        PILImage,
+        PILImageBW,
         RandomResizedCrop,
         Resize,
         ResizeMethod,
@@ -61,6 +76,7 @@ def build_learner(kind: str, data: Path):
         aug_transforms,
         imagenet_stats,
         resnet18,
+        resnet34,
         set_seed,
         vision_learner,
     )
@@ -72,20 +88,27 @@ def build_learner(kind: str, data: Path):
         "pad": lambda s: Resize(s, method=ResizeMethod.Pad, pad_mode="zeros"),
         "squish": lambda s: Resize(s, method=ResizeMethod.Squish),
         "crop": lambda s: Resize(s),
+        "croppad": lambda s: CropPad(s),
     }[k["item"]](k["size"])
     batch = []
-    if k["aug"] == "sized":
-        batch += aug_transforms(size=64, min_scale=0.9)
+    if k["aug"] == "presize":
+        batch += aug_transforms(size=k["batch_size"])
+    elif k["aug"] == "presize_rrc":
+        batch += aug_transforms(size=k["batch_size"], min_scale=0.75)
     elif k["aug"]:
         batch += aug_transforms()
-    if k["norm"]:
+    if k["norm"] == "bw":
+        batch.append(Normalize.from_stats([0.45], [0.25]))
+    elif k["norm"]:
         batch.append(Normalize.from_stats(*imagenet_stats))
+    n_in = 1 if k.get("bw") else 3
     dls = ImageDataLoaders.from_folder(data, valid_pct=0.25, seed=0, item_tfms=item, batch_tfms=batch, bs=6,
-                                       num_workers=0)
-    if k["arch"] == "resnet18":
-        learn = vision_learner(dls, resnet18, pretrained=False, metrics=accuracy)
+                                       num_workers=0, img_cls=PILImageBW if k.get("bw") else PILImage)
+    if k["arch"] in ("resnet18", "resnet34"):
+        arch = resnet18 if k["arch"] == "resnet18" else resnet34
+        learn = vision_learner(dls, arch, pretrained=False, metrics=accuracy, n_in=n_in)
     else:
-        learn = Learner(dls, _tiny_cnn(dls.c), metrics=accuracy)
+        learn = Learner(dls, _tiny_cnn(dls.c, n_in), metrics=accuracy)
     with learn.no_bar(), learn.no_logging():
         learn.fit(1, 1e-3)
     return learn

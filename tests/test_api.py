@@ -343,6 +343,122 @@ def test_gradio_queue_full_answers_busy_at_once(tmp_path, demo_predictor):
     assert [a[0]["label"] for a in answers] == ["4"] * len(answers)
 
 
+class RecordingPredictor:
+    """The real demo predictor, recording the size of every forward pass; the first pass waits for the test."""
+
+    def __init__(self, inner):
+        self.info: ModelInfo = inner.info
+        self._inner = inner
+        self.runs: list[int] = []
+        self.entered = threading.Semaphore(0)
+        self.release = threading.Event()
+
+    def prepare(self, images):
+        return self._inner.prepare(images)
+
+    def run(self, batch, alone=True):
+        self.runs.append(len(batch))
+        self.entered.release()
+        if len(self.runs) == 1:
+            assert self.release.wait(30), "test never released the predictor"
+        return self._inner.run(batch, alone)
+
+    def predict_probs(self, images):
+        return self._inner.predict_probs(images)
+
+
+def _wait_pending(pipeline, n: int, timeout: float = 30) -> None:
+    deadline = time.monotonic() + timeout
+    while len(pipeline.batcher._pending) < n:
+        assert time.monotonic() < deadline, f"{len(pipeline.batcher._pending)} of {n} predictions reached the model"
+        time.sleep(0.01)
+
+
+def test_rest_requests_waiting_for_the_model_share_one_forward_pass(tmp_path, demo_predictor):
+    """Issue 7 item 15: REST requests that wait while the model is busy run as ONE batch, not one by one (this
+    needs both the batcher and enough REST run slots for several to reach it)."""
+    settings = Settings(data_dir=tmp_path / "data", model_workers=1)
+    recording = RecordingPredictor(demo_predictor)
+    service = app_parts(settings, recording)
+    app = server_for(settings, service)  # the default Gate, as main() builds it
+    digits = ["1", "2", "3", "4", "5"]
+    results: dict[str, object] = {}
+
+    def send(d: str) -> threading.Thread:
+        t = threading.Thread(target=lambda: results.__setitem__(d, post(client, f"{d}.png", examples()[d].read_bytes(),
+                                                                        "image/png")))
+        t.start()
+        return t
+
+    try:
+        with TestClient(app) as client:
+            threads = [send(digits[0])]
+            assert recording.entered.acquire(timeout=30)
+            threads += [send(d) for d in digits[1:]]
+            _wait_pending(service.pipeline, len(digits) - 1)
+            recording.release.set()
+            for t in threads:
+                t.join(30)
+    finally:
+        recording.release.set()
+        service.store.close()
+    assert recording.runs == [1, len(digits) - 1]
+    for d in digits:
+        body = results[d].json()
+        assert results[d].status_code == 200 and body["label"] == d
+        expected = demo_predictor.predict_probs([Image.open(examples()[d]).convert("RGB")])[0]
+        assert np.allclose([body["probabilities"][c] for c in demo_predictor.info.vocab], expected, atol=TOL)
+
+
+def test_gradio_and_rest_requests_share_one_forward_pass(tmp_path, demo_predictor):
+    """One batcher for every front end: a Gradio call and a REST call waiting together run in one batch."""
+    import httpx
+    import uvicorn
+    from gradio_client import Client, handle_file
+
+    from tests.browser_support import free_port
+
+    settings = Settings(data_dir=tmp_path / "data", model_workers=1)
+    recording = RecordingPredictor(demo_predictor)
+    service = app_parts(settings, recording)
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(server_for(settings, service), host="127.0.0.1", port=port,
+                                           log_level="warning", timeout_graceful_shutdown=1))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    try:
+        deadline = time.monotonic() + 60
+        while not server.started and time.monotonic() < deadline:
+            time.sleep(0.05)
+        base = f"http://127.0.0.1:{port}"
+        client = Client(base + "/", verbose=False)
+
+        def rest(d: str):
+            return httpx.post(base + "/api/v1/predict", timeout=60,
+                              files={"file": (f"{d}.png", examples()[d].read_bytes(), "image/png")})
+
+        rest_results: list = []
+        first = threading.Thread(target=lambda: rest_results.append(rest("7")))
+        first.start()
+        assert recording.entered.acquire(timeout=30)
+        gradio_job = client.submit(handle_file(str(examples()["4"])), api_name="/predict")
+        second = threading.Thread(target=lambda: rest_results.append(rest("2")))
+        second.start()
+        _wait_pending(service.pipeline, 2)
+        recording.release.set()
+        gradio_answer = gradio_job.result(timeout=30)
+        first.join(30)
+        second.join(30)
+    finally:
+        recording.release.set()
+        server.should_exit = True
+        thread.join(30)
+        service.store.close()
+    assert recording.runs == [1, 2]
+    assert gradio_answer[0]["label"] == "4"
+    assert sorted(r.json()["label"] for r in rest_results) == ["2", "7"]
+
+
 def _wait_until_queued(job, timeout: float = 20) -> None:
     from gradio_client.utils import Status
 

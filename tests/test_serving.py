@@ -18,7 +18,8 @@ from settings import Settings
 from tests.learners import golden_images
 
 ROOT = Path(__file__).resolve().parents[1]
-EXACT_KINDS = ["rrc224_aug_imagenet", "pad224", "squish224", "crop_nonsquare_96x160"]
+EXACT_KINDS = ["rrc224_aug_imagenet", "pad224", "squish224", "crop_nonsquare_96x160", "presize_160to64",
+               "presize_rrcgpu_80to64", "bw_48"]
 
 
 def _learn(path: Path):
@@ -60,17 +61,17 @@ def test_demo_model_matches_learn_predict(demo_predictor):
 
 
 def test_unreplayable_pipeline_falls_back_to_exact_torch_path(exported, tmp_path):
-    path, sha = exported("affine_resize_fallback")
+    path, sha = exported("croppad_fallback")
     predictor = load_predictor(_settings(tmp_path, path, sha))
     assert predictor.info.backend == "torch"
-    assert "RandomResizedCropGPU" in predictor.info.fallback_reason
+    assert "item transform CropPad" in predictor.info.fallback_reason
     images = golden_images()
     expected = reference_probs(_learn(path), images)
     assert np.abs(predictor.predict_probs(images) - expected).max() <= TOLERANCE
 
 
 def test_onnx_only_backend_refuses_unreplayable_pipeline(exported, tmp_path):
-    path, sha = exported("affine_resize_fallback")
+    path, sha = exported("croppad_fallback")
     with pytest.raises(ModelLoadError, match="cannot be replayed"):
         load_predictor(_settings(tmp_path, path, sha, backend="onnx"))
 
@@ -90,6 +91,86 @@ def test_batched_answers_equal_single_answers(exported, tmp_path):
     batched = predictor.predict_probs(images)
     single = np.concatenate([predictor.predict_probs([im]) for im in images])
     assert np.abs(batched - single).max() <= 1e-5
+
+
+# --- batch transforms in the graph (presizing), single-channel input, features ------------------------------
+
+RESIZE_CASES = [((460, 460), (224, 224), None),  # the book's presizing: an area pre-pass, then grid_sample
+                ((96, 160), (64, 64), None), ((50, 40), (64, 80), None),  # down a little; up (padding matters)
+                ((33, 250), (64, 48), None), ((90, 80), (64, 64), [5, 0, 80, 80])]  # odd shapes; a crop first
+
+
+@pytest.mark.parametrize("align_corners", [True, False])
+@pytest.mark.parametrize("pad_mode", ["reflection", "border", "zeros"])
+@pytest.mark.parametrize("mode", ["bilinear", "nearest", "bicubic"])
+def test_batch_resize_replays_fastai_affine_coord(mode, pad_mode, align_corners):
+    """The graph's batch resize equals fastai's own validation-time affine_coord (identity grid_sample)."""
+    import torch
+    from fastai.vision.all import TensorImage
+
+    from model.graph import batch_steps_module
+
+    torch.manual_seed(0)
+    for (h, w), (ho, wo), crop in RESIZE_CASES:
+        x = torch.rand(2, 3, h, w)
+        xc = x if crop is None else x[..., crop[0]:crop[0] + crop[2], crop[1]:crop[1] + crop[3]]
+        expected = TensorImage(xc).affine_coord(sz=(ho, wo), mode=mode, pad_mode=pad_mode,
+                                                align_corners=align_corners).as_subclass(torch.Tensor)
+        step = {"op": "resample", "in_size": [h, w], "size": [ho, wo], "mode": mode, "pad_mode": pad_mode,
+                "align_corners": align_corners, "crop": crop}
+        with torch.inference_mode():
+            got = batch_steps_module([step])(x)
+        assert got.shape == expected.shape
+        assert (got - expected).abs().max().item() <= 1e-5, ((h, w), (ho, wo), crop)
+
+
+@pytest.mark.parametrize("kind", ["presize_160to64", "presize_rrcgpu_80to64", "bw_48"])
+def test_bundle_records_its_batch_steps(kind, exported, tmp_path):
+    from model.bundle import BUNDLE_FORMAT
+
+    path, sha = exported(kind)
+    load_predictor(_settings(tmp_path, path, sha))
+    meta = json.loads((tmp_path / "data" / "cache" / sha / "bundle.json").read_text())
+    assert meta["format"] == BUNDLE_FORMAT == 4
+    ops = [(s["op"], s.get("size"), s.get("crop") is not None) for s in meta["graph"]["batch_steps"]]
+    assert ops == {"presize_160to64": [("resample", [64, 64], False), ("normalize", None, False)],
+                   "presize_rrcgpu_80to64": [("resample", [64, 64], True)],
+                   "bw_48": [("normalize", None, False)]}[kind]
+    assert meta["spec"]["mode"] == ("L" if kind == "bw_48" else "RGB")
+
+
+# kind -> the classifier's last Linear (its input is the features) and their width
+FEATURE_LAYERS = {"rrc224_aug_imagenet": ("1.8", 512),  # vision_learner head: the hidden layer, not the concat pool
+                  "pad224": ("5", 16), "presize_160to64": ("5", 16), "bw_48": ("5", 16)}
+
+
+@pytest.mark.parametrize("kind", sorted(FEATURE_LAYERS))
+def test_onnx_and_torch_features_agree(kind, exported, tmp_path):
+    import torch
+
+    path, sha = exported(kind)
+    onnx = load_predictor(_settings(tmp_path / "onnx", path, sha))
+    exact = load_predictor(_settings(tmp_path / "torch", path, sha, backend="torch"))
+    assert (onnx.info.backend, exact.info.backend) == ("onnx", "torch")
+    images = golden_images()
+    (p_onnx, f_onnx), (p_torch, f_torch) = onnx.predict(images), exact.predict(images)
+    layer, dim = FEATURE_LAYERS[kind]
+    assert onnx.feature_layer == exact.feature_layer == layer
+    assert f_onnx.shape == f_torch.shape == (len(images), dim) and f_onnx.dtype == np.float32
+    assert np.abs(f_onnx - f_torch).max() <= 1e-4 * max(1.0, float(np.abs(f_torch).max()))
+    assert np.abs(p_onnx - p_torch).max() <= TOLERANCE
+    assert np.array_equal(onnx.predict_probs(images), p_onnx)  # the thin wrapper
+    # They are the classifier's input: its last Linear applied to them gives the answers.
+    last = dict(_learn(path).model.named_modules())[layer]
+    with torch.inference_mode():
+        probs = torch.softmax(last(torch.from_numpy(f_onnx)), dim=1).numpy()
+    assert np.abs(probs - p_onnx).max() <= TOLERANCE
+
+
+def test_demo_features_are_the_pooled_body(demo_predictor):
+    probs, feats = demo_predictor.predict(golden_images()[:3])
+    assert demo_predictor.feature_layer == "11" and feats.shape == (3, 128)  # XResNet: pool, flatten, Linear(128)
+    assert (feats >= 0).all()  # average-pooled ReLU outputs
 
 
 def test_cached_bundle_serves_without_importing_torch_or_fastai(exported, tmp_path):

@@ -10,10 +10,10 @@ from __future__ import annotations
 
 import base64
 import binascii
-import os
 
 import gradio as gr
 
+from model.predictor import ThreadPlan
 from review.types import ReviewError
 from serving.imageio import ImageRejected
 from serving.pipeline import Answer, Input, Pipeline, Result
@@ -35,13 +35,18 @@ SELECT_BRUSH_JS = """() => { let tries = 0; const pick = () => {
 
 
 def model_workers(settings) -> int:
-    """Batches of model work run at once: LOUPE_MODEL_WORKERS, else one per core's worth of intra-op threads.
+    """Batches of model work run at once: LOUPE_MODEL_WORKERS, else one per core (model/predictor.ThreadPlan).
 
-    os.cpu_count() sees the host's cores, not a container's CPU quota: set the setting there.
+    The core count is the process's CPU affinity, not a container's CPU quota: set the setting there.
     """
-    if settings.model_workers is not None:
-        return settings.model_workers
-    return max(1, (os.cpu_count() or 1) // settings.intra_op_threads)
+    return ThreadPlan.from_settings(settings).lanes
+
+
+def model_slots(settings) -> int:
+    """Predictions in flight at once in the model group (Gradio: ``model_workers`` batches of up to
+    ``max_batch_size``; REST: as many run slots). They meet in the pipeline's batcher, which needs several
+    waiting at once to make batches; each holds its decoded image meanwhile."""
+    return model_workers(settings) * settings.max_batch_size
 
 
 def serving_demo(settings) -> bool:

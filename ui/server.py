@@ -33,7 +33,7 @@ from ui.http_guard import HttpGuard, PathAlias
 from ui.http_headers import SecurityHeaders
 from ui.models_tab import models_tab
 from ui.monitor_tab import monitor_tabs
-from ui.predict_tab import build_predict_app, model_workers
+from ui.predict_tab import build_predict_app, model_slots
 from ui.review_login import install_review_login
 from ui.upload_store import UploadStore, gradio_folder, prepare_folder
 
@@ -80,7 +80,7 @@ def build_server(settings, *, pipeline, store, desk, gate: Gate | None = None, m
                   lifespan=functools.partial(_sweep_uploads, uploads))
     if gate is None:
         # As many REST predictions run at once as Gradio's model group; queue_max_size more may wait.
-        gate = Gate(concurrency=model_workers(settings), max_waiting=settings.queue_max_size)
+        gate = Gate(concurrency=model_slots(settings), max_waiting=settings.queue_max_size)
     app.include_router(build_api_router(settings, pipeline, store, gate, monitor))
     # Gradio's logout (and people typing the address) land on /review without the slash, which the
     # public mount at "/" would answer with 404.
