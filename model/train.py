@@ -256,11 +256,16 @@ def recipe_for_parent(learn, recipe: Recipe) -> Recipe:
     from model.spec import Unsupported, extract_spec
 
     try:
-        spec = extract_spec(learn)
+        spec, steps = extract_spec(learn)
     except Unsupported:
         return recipe
     method = {"rrc_valid": "rrc", "crop": "crop", "squish": "squish", "pad": "pad"}[spec.method]
-    return replace(recipe, size=int(max(spec.size)), item_tfm=method, mean=spec.mean, std=spec.std)
+    norm = next((s for s in steps if s["op"] == "normalize"), None)
+    resamples = [s for s in steps if s["op"] == "resample"]
+    # Presizing (a batch resize after the item resize): the model saw the batch resize's size.
+    size = max(resamples[-1]["size"]) if resamples else max(spec.size)
+    return replace(recipe, size=int(size), item_tfm=method, mean=tuple(norm["mean"]) if norm else None,
+                   std=tuple(norm["std"]) if norm else None)
 
 
 if __name__ == "__main__":

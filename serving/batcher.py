@@ -33,7 +33,8 @@ from __future__ import annotations
 import threading
 import time
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 
 import numpy as np
 
@@ -67,28 +68,41 @@ class Batcher:
         """(probabilities, features or None) for ``images``, computed in a batch with whatever else is waiting."""
         if not hasattr(model, "prepare"):  # a stand-in predictor (tests): answers directly, no features
             return np.asarray(model.predict_probs(images)), None
+        with self.entered():
+            return self.run(model, [model.prepare(images)])[0]
+
+    @contextmanager
+    def entered(self) -> Iterator[None]:
+        """A prediction in flight, from before its images are decoded and prepared to its answer: while any other
+        is, a batch does not run alone (it would hold every lane)."""
         with self._cond:
             self._callers += 1
             if self._callers > 1:
                 self._crowded_at = time.monotonic()
         try:
-            job = _Job(model, model.prepare(images))
-            with self._cond:
-                self._pending.append(job)
-            while True:
-                with self._cond:
-                    while not job.done and not (self._pending and self._busy < self.lanes):
-                        self._cond.wait()
-                    if job.done:
-                        break
-                    jobs, alone = self._take()
-                self._run(jobs, alone)
+            yield
         finally:
             with self._cond:
                 self._callers -= 1
-        if job.error is not None:
-            raise job.error
-        return job.probs, job.features
+
+    def run(self, model, batches: Sequence[np.ndarray]) -> list[tuple[np.ndarray, np.ndarray | None]]:
+        """(probabilities, features or None) per prepared batch, each run with whatever else is waiting. The caller
+        is inside ``entered()``."""
+        jobs = [_Job(model, batch) for batch in batches]
+        with self._cond:
+            self._pending.extend(jobs)
+        while True:
+            with self._cond:
+                while not all(j.done for j in jobs) and not (self._pending and self._busy < self.lanes):
+                    self._cond.wait()
+                if all(j.done for j in jobs):
+                    break
+                taken, alone = self._take()
+            self._run(taken, alone)
+        for job in jobs:
+            if job.error is not None:
+                raise job.error
+        return [(job.probs, job.features) for job in jobs]
 
     def _take(self) -> tuple[list[_Job], bool]:
         """Called under the lock with work waiting and a lane free: this caller's share of the queue."""

@@ -8,6 +8,7 @@ each answering model runs ONCE on all of its good items.
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -80,7 +81,8 @@ class Observer(Protocol):
 
 class Pipeline:
     def __init__(self, router: ModelRouter, log: PredictionLog, *, max_bytes: int, max_pixels: int, top_k: int,
-                 shadow=None, observer: Observer | None = None, batcher: Batcher | None = None):
+                 shadow=None, observer: Observer | None = None, batcher: Batcher | None = None,
+                 decoders: int = 1):
         self.router = router
         self.batcher = batcher or Batcher()
         self.log = log
@@ -89,14 +91,16 @@ class Pipeline:
         self.max_pixels = max_pixels
         self.top_k = top_k
         self.observer = observer
+        self._decoding = threading.BoundedSemaphore(decoders)
 
     @classmethod
     def from_settings(cls, settings, router: ModelRouter, log: PredictionLog, shadow=None,
                       observer: Observer | None = None) -> Pipeline:
         # Requests from every front end share one batcher (serving/batcher.py), lanes as the ThreadPlan says.
-        batcher = Batcher(ThreadPlan.from_settings(settings).lanes, settings.max_batch_size)
+        lanes = ThreadPlan.from_settings(settings).lanes
         return cls(router, log, max_bytes=settings.max_upload_bytes, max_pixels=settings.max_pixels,
-                   top_k=settings.top_k, shadow=shadow, observer=observer, batcher=batcher)
+                   top_k=settings.top_k, shadow=shadow, observer=observer,
+                   batcher=Batcher(lanes, settings.max_batch_size), decoders=lanes)
 
     def decode_bytes(self, data: bytes) -> Image.Image:
         return decode_image(data, max_bytes=self.max_bytes, max_pixels=self.max_pixels)
@@ -127,27 +131,40 @@ class Pipeline:
 
     def _predict(self, items: Sequence[Input]) -> list[Result]:
         start = time.perf_counter()
-        decoded = [self.decode(item) for item in items]
         routes = self.router.routes()  # one snapshot for the whole batch: a swap never splits it
-        groups: dict[int, tuple] = {}  # id(predictor) -> (predictor, [item index])
-        for i, (item, img) in enumerate(zip(items, decoded, strict=True)):
-            if isinstance(img, Image.Image):
-                model = routes.answering(item.session)
-                groups.setdefault(id(model), (model, []))[1].append(i)
-        answered: dict[int, tuple] = {}  # item index -> (predictor, probability row, feature row or None)
-        for model, idx in groups.values():
-            probs, feats = self.batcher.predict(model, [decoded[i] for i in idx])
-            for k, (i, row) in enumerate(zip(idx, probs, strict=True)):
-                answered[i] = (model, row, None if feats is None else feats[k])
+        # Per item: the decoded image's sizes for the log (or why there is no answer), and who answers it.
+        results: list = [None] * len(items)
+        groups: dict[int, tuple] = {}  # id(predictor) -> (predictor, [item index], [its model input])
+        with self.batcher.entered():
+            for i, item in enumerate(items):
+                # Decoded pixels live only here: a 40-megapixel upload is ~120 MB of them. Each becomes its model
+                # input (e.g. 224 x 224) before the next is decoded, and at most ``lanes`` requests decode at once,
+                # so what waits for the model (up to LOUPE_MAX_BATCH_SIZE requests per lane) holds only inputs.
+                with self._decoding:
+                    img = self.decode(item)
+                    if not isinstance(img, Image.Image):
+                        results[i] = img  # rejected or empty: nothing logged, nothing stored
+                        continue
+                    model = routes.answering(item.session)
+                    _, idx, inputs = groups.setdefault(id(model), (model, [], []))
+                    idx.append(i)
+                    inputs.append(model.prepare([img]) if hasattr(model, "prepare") else img)
+                    results[i] = stats(img)
+                    del img
+            answered: dict[int, tuple] = {}  # item index -> (predictor, probability row, feature row or None)
+            for model, idx, inputs in groups.values():
+                if hasattr(model, "prepare"):
+                    rows = [(p[0], None if f is None else f[0]) for p, f in self.batcher.run(model, inputs)]
+                else:  # a stand-in predictor (tests): answers directly, no features
+                    rows = [(p, None) for p in np.asarray(model.predict_probs(inputs))]
+                for i, (row, feat) in zip(idx, rows, strict=True):
+                    answered[i] = (model, row, feat)
         latency_ms = (time.perf_counter() - start) * 1000
-        # Logging may wait for room in the log's queue: not while holding decoded pixels (a 40-megapixel upload is
-        # ~120 MB of them). The log gets the bytes as received and the sizes; its writer does the rest.
-        results = [stats(d) if isinstance(d, Image.Image) else d for d in decoded]
-        del decoded
+        # The log gets the bytes as received and the sizes; its writer decodes, measures and stores the rest.
         out: list[Result] = []
         for i, (item, result) in enumerate(zip(items, results, strict=True)):
             if i not in answered:
-                out.append(result)  # rejected or empty: nothing logged, nothing stored
+                out.append(result)
                 continue
             model, row, feat = answered[i]
             pid = None

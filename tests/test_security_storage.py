@@ -117,7 +117,7 @@ def test_a_big_photo_is_stored_shrunk_as_a_metadata_free_jpeg_and_a_drawing_stay
             assert img.format == "PNG"
             decoded = decode_image(digit, max_bytes=10 * MB, max_pixels=10**7)
             assert np.array_equal(np.asarray(img.convert("RGB")), np.asarray(decoded))  # lossless
-        assert health(app) == {"status": "ok", "model": health(app)["model"]}
+        assert {k: v for k, v in health(app).items() if k not in ("model", "drift")} == {"status": "ok"}
     finally:
         assert app.stop() == 0, app.log()
 
