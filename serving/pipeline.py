@@ -9,7 +9,7 @@ each answering model runs ONCE on all of its good items.
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -17,6 +17,7 @@ import numpy as np
 from PIL import Image
 
 from model.predictor import ModelInfo, ThreadPlan, top_k
+from model.unfamiliar import Detector
 from serving.batcher import Batcher
 from serving.imageio import ImageRejected, decode_image, image_stats
 from serving.router import ModelRouter
@@ -47,6 +48,9 @@ class Answer:
     prediction_id: str | None  # None when not logged
     top_k: dict[str, float]  # most probable first (the shape gr.Label takes)
     features: np.ndarray | None = None  # (D,) the classifier's input (model/graph.py), None if the model has none
+    # Unlike the images the model was checked on (model/unfamiliar.py)? None: unknown (no detector, no features).
+    unfamiliar: bool | None = None
+    unfamiliar_score: float | None = None
 
     @property
     def label(self) -> str:
@@ -62,7 +66,8 @@ Result = Answer | ImageRejected | None
 
 class PredictionLog(Protocol):
     def log_prediction(self, *, model: ModelInfo, data: bytes, stats: dict, probs: np.ndarray, source: str,
-                       latency_ms: float, claimed_label: str | None = None) -> str: ...
+                       latency_ms: float, claimed_label: str | None = None, unfamiliar: bool | None = None,
+                       unfamiliar_score: float | None = None) -> str: ...
 
 
 def stats(img: Image.Image) -> dict:
@@ -80,7 +85,8 @@ class Observer(Protocol):
 
 class Pipeline:
     def __init__(self, router: ModelRouter, log: PredictionLog, *, max_bytes: int, max_pixels: int, top_k: int,
-                 shadow=None, observer: Observer | None = None, batcher: Batcher | None = None):
+                 shadow=None, observer: Observer | None = None, batcher: Batcher | None = None,
+                 detectors: Callable[[ModelInfo], Detector | None] | None = None):
         self.router = router
         self.batcher = batcher or Batcher()
         self.log = log
@@ -89,14 +95,16 @@ class Pipeline:
         self.max_pixels = max_pixels
         self.top_k = top_k
         self.observer = observer
+        # The answering version's unfamiliar-input detector (serving/unfamiliar.Detectors), None: never flag
+        self.detectors = detectors
 
     @classmethod
     def from_settings(cls, settings, router: ModelRouter, log: PredictionLog, shadow=None,
-                      observer: Observer | None = None) -> Pipeline:
+                      observer: Observer | None = None, detectors=None) -> Pipeline:
         # Requests from every front end share one batcher (serving/batcher.py), lanes as the ThreadPlan says.
         batcher = Batcher(ThreadPlan.from_settings(settings).lanes, settings.max_batch_size)
         return cls(router, log, max_bytes=settings.max_upload_bytes, max_pixels=settings.max_pixels,
-                   top_k=settings.top_k, shadow=shadow, observer=observer, batcher=batcher)
+                   top_k=settings.top_k, shadow=shadow, observer=observer, batcher=batcher, detectors=detectors)
 
     def decode_bytes(self, data: bytes) -> Image.Image:
         return decode_image(data, max_bytes=self.max_bytes, max_pixels=self.max_pixels)
@@ -134,11 +142,13 @@ class Pipeline:
             if isinstance(img, Image.Image):
                 model = routes.answering(item.session)
                 groups.setdefault(id(model), (model, []))[1].append(i)
-        answered: dict[int, tuple] = {}  # item index -> (predictor, probability row, feature row or None)
+        answered: dict[int, tuple] = {}  # item index -> (predictor, probability row, feature row, flag, score)
         for model, idx in groups.values():
             probs, feats = self.batcher.predict(model, [decoded[i] for i in idx])
+            flags = self._unfamiliar(model.info, feats)
             for k, (i, row) in enumerate(zip(idx, probs, strict=True)):
-                answered[i] = (model, row, None if feats is None else feats[k])
+                flag, score = (None, None) if flags is None else (bool(flags[0][k]), float(flags[1][k]))
+                answered[i] = (model, row, None if feats is None else feats[k], flag, score)
         latency_ms = (time.perf_counter() - start) * 1000
         # Logging may wait for room in the log's queue: not while holding decoded pixels (a 40-megapixel upload is
         # ~120 MB of them). The log gets the bytes as received and the sizes; its writer does the rest.
@@ -149,15 +159,24 @@ class Pipeline:
             if i not in answered:
                 out.append(result)  # rejected or empty: nothing logged, nothing stored
                 continue
-            model, row, feat = answered[i]
+            model, row, feat, flag, score = answered[i]
             pid = None
             if item.log:
                 pid = self.log.log_prediction(model=model.info, data=item.data, stats=result, probs=row,
                                               source=item.source, latency_ms=latency_ms,
-                                              claimed_label=item.claimed_label)
-            out.append(Answer(row, model.info, latency_ms, pid, top_k(row, model.info.vocab, self.top_k), feat))
+                                              claimed_label=item.claimed_label, unfamiliar=flag,
+                                              unfamiliar_score=score)
+            out.append(Answer(row, model.info, latency_ms, pid, top_k(row, model.info.vocab, self.top_k), feat,
+                              flag, score))
         self._shadow(routes, items, out)
         return out
+
+    def _unfamiliar(self, info: ModelInfo, feats: np.ndarray | None):
+        """(flags, scores) for one model's batch, or None: unknown (no detector for this version, no features)."""
+        if self.detectors is None or feats is None:
+            return None
+        detector = self.detectors(info)
+        return None if detector is None else detector.flags(feats)
 
     def _shadow(self, routes, items: Sequence[Input], out: list[Result]) -> None:
         """Hand the logged live answers to the shadow model, if one is set; returns at once (serving.shadow)."""
