@@ -126,7 +126,7 @@ def assemble(settings, predictor, *, store=None, rescore: bool = True, watch: bo
     registry decides (``parts.follower.sync()`` now, ``parts.follower.start()`` to poll). ``watch``: start the
     monitor's background checks (tests call ``parts.monitor.refresh()`` themselves instead)."""
     from review.desk import ReviewDesk
-    from review.monitor import Monitor
+    from review.monitor import Monitor, References
     from review.store import ReviewStore
     from serving.follower import RegistryFollower, adopt
     from serving.imageio import decode_image
@@ -134,6 +134,7 @@ def assemble(settings, predictor, *, store=None, rescore: bool = True, watch: bo
     from serving.pipeline import Pipeline
     from serving.router import ModelRouter
     from serving.shadow import ShadowScorer
+    from serving.unfamiliar import Detectors
 
     store = store or ReviewStore(settings)
     store.register_model(predictor.info)
@@ -153,10 +154,11 @@ def assemble(settings, predictor, *, store=None, rescore: bool = True, watch: bo
     shadow = ShadowScorer(store, decode=partial(decode_image, max_bytes=settings.max_upload_bytes,
                                                 max_pixels=settings.max_pixels), maxsize=settings.shadow_queue_size)
     metrics = Metrics()
-    monitor = Monitor(settings, store, router, metrics)
+    detectors = Detectors(References(settings.data_dir))  # unfamiliar inputs, per answering model version
+    monitor = Monitor(settings, store, router, metrics, detectors=detectors)
     if watch:
         monitor.start()
-    pipeline = Pipeline.from_settings(settings, router, store, shadow=shadow, observer=metrics)
+    pipeline = Pipeline.from_settings(settings, router, store, shadow=shadow, observer=metrics, detectors=detectors)
     return Parts(store, router, pipeline, ReviewDesk(store), follower, shadow, monitor)
 
 

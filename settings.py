@@ -212,6 +212,11 @@ class Settings(BaseSettings):
     gate_min_shadowed: int = Field(
         default=50, ge=0, description="Promotion gate: live requests the candidate must have scored in shadow.")
 
+    # --- unfamiliar inputs (issue 9 §1: model/unfamiliar.py, the feedback control's "none of these") ---
+    model_domain: str | None = Field(
+        default=None, max_length=60, description="What one input of the model is, singular (e.g. 'bear photo'): "
+        "the feedback control offers 'Not a <domain>'. Default: 'digit' for the demo, else 'None of these'.")
+
     @property
     def hf_sign_in(self) -> bool:
         """Reviewers sign in with Hugging Face: on a Space, with an allowlist."""

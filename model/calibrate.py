@@ -23,11 +23,13 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from model.reference import InputsSection, PredictionsSection, ReferenceError, Section, compute_reference
+from model.unfamiliar import UnfamiliarSection
 
 # (predictor) -> Section, in file order. Add yours here.
 SECTIONS: tuple[Callable[[object], Section], ...] = (
     lambda predictor: PredictionsSection(tuple(predictor.info.vocab)),
     lambda predictor: InputsSection(),
+    lambda predictor: UnfamiliarSection(len(predictor.info.vocab)),  # the unfamiliar-input detector
 )
 DEFAULT_LIMIT = 2000
 

@@ -126,6 +126,7 @@ class Batch:
     probs: np.ndarray  # (n, classes): the model's answers, in its vocab order
     stats: list[dict]  # measure(image) per image
     predictor: object  # the model (e.g. for features from another output)
+    features: np.ndarray | None = None  # (n, D) the classifier's input (model/graph.py), None if the model has none
 
 
 class Section(Protocol):
@@ -205,8 +206,12 @@ def compute_reference(predictor, items: Iterable[tuple[Image.Image, str | None]]
     n = 0
 
     def flush(images, labels):
-        probs = np.asarray(predictor.predict_probs(images), dtype=np.float64)
-        batch = Batch(images, labels, probs, [measure(im) for im in images], predictor)
+        if hasattr(predictor, "predict"):  # the serving predictors: probabilities and features in one pass
+            probs, feats = predictor.predict(images)
+        else:
+            probs, feats = predictor.predict_probs(images), None
+        batch = Batch(images, labels, np.asarray(probs, dtype=np.float64), [measure(im) for im in images], predictor,
+                      None if feats is None else np.asarray(feats, dtype=np.float32))
         for section in sections:
             section.add(batch)
         if on_batch is not None:

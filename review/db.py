@@ -100,6 +100,9 @@ class Prediction(Base):
     feedback_correct: Mapped[bool | None] = mapped_column(Boolean)
     claimed_label: Mapped[str | None] = mapped_column(String(200))
     loss: Mapped[float | None] = mapped_column(Float)  # known once a label is claimed
+    # unlike the model's reference images (model/unfamiliar.py); NULL: unknown (no detector or no features)
+    unfamiliar: Mapped[bool | None] = mapped_column(Boolean)
+    unfamiliar_score: Mapped[float | None] = mapped_column(Float)  # its Mahalanobis distance (threshold: reference)
 
     __table_args__ = (
         # rescoring walks the labelled predictions only
@@ -126,6 +129,8 @@ class QueueEntry(Base):
     audit: Mapped[bool] = mapped_column(Boolean, default=False)
     dataset: Mapped[bool] = mapped_column(Boolean, default=False)
     user_flagged: Mapped[bool] = mapped_column(Boolean, default=False)
+    unfamiliar: Mapped[bool] = mapped_column(Boolean, default=False)
+    claimed_out_of_domain: Mapped[bool] = mapped_column(Boolean, default=False)
     priority: Mapped[float] = mapped_column(Float)
     status: Mapped[str] = mapped_column(String(8), default="open")  # open | done
     claimed_by: Mapped[str | None] = mapped_column(String(200))
@@ -148,7 +153,8 @@ _Q = QueueEntry
 Index("ix_queue_next", _Q.status, _Q.priority.desc(), _Q.id)
 Index("ix_queue_predicted", _Q.status, _Q.predicted, _Q.priority.desc(), _Q.id)
 Index("ix_queue_model", _Q.status, _Q.model_version, _Q.priority.desc(), _Q.id)
-for _reason in ("low_confidence", "high_loss", "audit", "dataset", "user_flagged"):
+for _reason in ("low_confidence", "high_loss", "audit", "dataset", "user_flagged", "unfamiliar",
+                "claimed_out_of_domain"):
     # Partial on the reason alone (with status as the first column): SQLite's planner then picks it for
     # "status = 'open' AND <reason>"; with the status in the WHERE it preferred scanning ix_queue_next.
     _partial(f"ix_queue_{_reason}", _Q.status, _Q.priority.desc(), _Q.id, where=_reason)

@@ -16,7 +16,7 @@ from model.reference import measure
 from review import scoring
 from review.db import Model, Prediction, QueueEntry, StoredImage
 from review.imagestore import ImageStore
-from review.types import DATASET, HIGH_LOSS, REASONS, USER_FLAGGED
+from review.types import CLAIMED_OUT_OF_DOMAIN, DATASET, HIGH_LOSS, REASONS, USER_FLAGGED
 from serving.imageio import ImageRejected
 
 # What the writer measures from the decoded upload when the request did not (model.reference.measure)
@@ -64,6 +64,8 @@ class PredictionRecord:
     label_quality: float | None = None
     label_issue: bool = False
     replayed: bool = False  # recovered from a dead process's spool: may already be in the database
+    unfamiliar: bool | None = None  # model/unfamiliar.py's flag (None: unknown) and score
+    unfamiliar_score: float | None = None
 
     def spooled(self) -> tuple[dict, bytes | None]:
         """(metadata, payload) for review.spool; ``from_spool`` reverses it."""
@@ -71,7 +73,8 @@ class PredictionRecord:
                 # float32 bytes as hex: exact, and 1,000 classes cost microseconds (a JSON list costs ~100x that)
                 "model_version": self.model_version, "probs": self.probs.astype("<f4").tobytes().hex(),
                 "latency_ms": self.latency_ms,
-                "claimed_label": self.claimed_label, "keep_image": self.keep_image, "stats": self.stats}
+                "claimed_label": self.claimed_label, "keep_image": self.keep_image, "stats": self.stats,
+                "unfamiliar": self.unfamiliar, "unfamiliar_score": self.unfamiliar_score}
         return meta, self.data if self.keep_image else None
 
 
@@ -80,21 +83,24 @@ class FeedbackRecord:
     prediction_id: str
     correct: bool | None
     claimed_label: str | None
+    out_of_domain: bool = False  # "none of these": the image shows none of the model's classes
 
     def spooled(self) -> tuple[dict, None]:
         return {"kind": "feedback", "prediction_id": self.prediction_id, "correct": self.correct,
-                "claimed_label": self.claimed_label}, None
+                "claimed_label": self.claimed_label, "out_of_domain": self.out_of_domain}, None
 
 
 def from_spool(meta: dict, data: bytes, vocab: tuple[str, ...]) -> PredictionRecord | FeedbackRecord:
     if meta["kind"] == "feedback":
-        return FeedbackRecord(meta["prediction_id"], meta["correct"], meta["claimed_label"])
+        return FeedbackRecord(meta["prediction_id"], meta["correct"], meta["claimed_label"],
+                              bool(meta.get("out_of_domain", False)))  # spools of earlier releases lack it
     return PredictionRecord(id=meta["id"], created=datetime.fromisoformat(meta["created"]), source=meta["source"],
                             model_version=meta["model_version"], vocab=vocab,
                             probs=np.frombuffer(bytes.fromhex(meta["probs"]), dtype="<f4").astype(np.float32),
                             latency_ms=meta["latency_ms"],
                             data=data or None, claimed_label=meta["claimed_label"], keep_image=meta["keep_image"],
-                            stats=meta["stats"], replayed=True)
+                            stats=meta["stats"], replayed=True, unfamiliar=meta.get("unfamiliar"),
+                            unfamiliar_score=meta.get("unfamiliar_score"))
 
 
 @dataclass
@@ -152,8 +158,10 @@ def prediction_rows(records: list[PredictionRecord], th: Thresholds) -> tuple[li
         loss = scoring.loss(labels, probs)
         is_ds = np.array([r.source == "dataset" for r in group])
         audit = scoring.is_audit([r.id for r in group], th.audit_rate)
+        odd = np.array([bool(r.unfamiliar) for r in group])
         reasons = scoring.review_reasons(conf, marg, loss, audit, low_confidence=th.low_confidence,
-                                         low_margin=th.low_margin, high_loss=th.high_loss, dataset=is_ds)
+                                         low_margin=th.low_margin, high_loss=th.high_loss, dataset=is_ds,
+                                         unfamiliar=odd)
         # a rescore is not traffic: only its (new) loss against the known label can queue it
         reasons = np.where([r.source == "rescore" for r in group], reasons & HIGH_LOSS, reasons)
         prio = scoring.queue_priority(reasons, conf, marg, loss)
@@ -174,6 +182,7 @@ def prediction_rows(records: list[PredictionRecord], th: Thresholds) -> tuple[li
                 "brightness": rec.stats.get("brightness"), "saturation": rec.stats.get("saturation"),
                 "feedback_correct": None,
                 "claimed_label": rec.claimed_label, "loss": None if math.isnan(loss[i]) else float(loss[i]),
+                "unfamiliar": rec.unfamiliar, "unfamiliar_score": rec.unfamiliar_score,
             }
             preds.append(row)
             if reasons[i] and rec.image_sha256:
@@ -245,6 +254,15 @@ def apply_feedback(session: Session, records: list[FeedbackRecord], th: Threshol
         if pred.model_version not in vocabs:
             vocabs[pred.model_version] = session.scalar(select(Model.vocab).where(Model.version == pred.model_version))
         vocab = vocabs[pred.model_version]
+        if fb.out_of_domain:  # no class applies: the answer was wrong, and no label (and no loss) follows
+            pred.feedback_correct = False
+            if pred.image_sha256:
+                prio = scoring.queue_priority([CLAIMED_OUT_OF_DOMAIN], [pred.confidence], [pred.margin], [np.nan])
+                row = {"id": pred.id, "image_sha256": pred.image_sha256, "predicted": pred.predicted,
+                       "model_version": pred.model_version, "created": pred.created}
+                session.flush()
+                upsert_queue(session, [queue_row(row, CLAIMED_OUT_OF_DOMAIN, float(prio[0]), th)])
+            continue
         claimed = fb.claimed_label or (pred.predicted if fb.correct else None)
         probs = np.asarray([pred.probs])
         idx = vocab.index(claimed) if claimed in vocab else -1

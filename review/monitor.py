@@ -170,14 +170,17 @@ def check_version(store, settings, references: References, th: drift.Thresholds,
 
 
 class Monitor:
-    def __init__(self, settings, store, router, metrics=None, *, clock=utcnow):
+    def __init__(self, settings, store, router, metrics=None, *, clock=utcnow, detectors=None):
         self.settings = settings
         self.store = store
         self.router = router
         self.metrics = metrics
         self.clock = clock
         self.thresholds = drift.Thresholds.from_settings(settings)
-        self.references = References(settings.data_dir)
+        # serving.unfamiliar.Detectors: the request path's detectors, re-read here (not per request) when their
+        # reference file changes; they share this monitor's References (one cache of the files)
+        self.detectors = detectors
+        self.references = detectors.references if detectors is not None else References(settings.data_dir)
         self._status = DriftStatus(None)
         self._labelled: set[tuple[str, str]] = set()
         self._stop = threading.Event()
@@ -207,6 +210,8 @@ class Monitor:
                                      version=p.info.version, sha256=p.info.sha256, role=role, now=now)
                        for role, p in models.items()]
             queue = self.store.transaction(open_counts, read=True)
+            if self.detectors is not None:
+                self.detectors.refresh()
             new = DriftStatus(now, tuple(results))
             self._announce(self._status, new)
             self._publish(new, queue)

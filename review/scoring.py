@@ -2,13 +2,14 @@
 
 Queue order (``queue_priority``), most urgent first; an item with several reasons takes its best tier:
 
-1. **high loss / dataset / user flagged** (priority in [3, 4)): a confident contradiction of a known label is the
+1. **high loss / dataset / user flagged / user says out of domain** (priority in [3, 4)): a confident contradiction of a known label is the
    most likely error and the cheapest to fix; ordered by loss, highest first. A user's bare "wrong" (no label
    given) has no exact loss; it ranks by its lower bound ``-log(1 - confidence)``: the true class can have at
    most the probability mass the prediction did not take.
 2. **audit** (priority 2): the uniform random sample must be reviewed completely to give an unbiased accuracy
    estimate, so it outranks the (much larger) low-confidence backlog; first come, first served (ties -> by id).
-3. **low confidence** (priority in [1, 2)): smallest margin first (the model is the most torn).
+3. **low confidence / unfamiliar input** (priority in [1, 2)): smallest margin first (the model is the most torn).
+   An unfamiliar input (model/unfamiliar.py) is queued here: reviewers confirm it is out of domain (or not).
 
 Not queued: priority 0.
 """
@@ -20,10 +21,11 @@ from collections.abc import Iterable
 
 import numpy as np
 
-from review.types import AUDIT, DATASET, HIGH_LOSS, LOW_CONFIDENCE, USER_FLAGGED
+from review.types import AUDIT, CLAIMED_OUT_OF_DOMAIN, DATASET, HIGH_LOSS, LOW_CONFIDENCE, UNFAMILIAR, USER_FLAGGED
 
 _EPS = 1e-12
-_TIER3 = HIGH_LOSS | DATASET | USER_FLAGGED
+_TIER3 = HIGH_LOSS | DATASET | USER_FLAGGED | CLAIMED_OUT_OF_DOMAIN
+_TIER1 = LOW_CONFIDENCE | UNFAMILIAR
 
 
 def _as_2d(probs) -> np.ndarray:
@@ -84,7 +86,7 @@ def needs_second_opinion(image_shas: Iterable[str], rate: float) -> np.ndarray:
 
 
 def review_reasons(conf, marg, loss_, audit, *, low_confidence: float, low_margin: float, high_loss: float,
-                   dataset=None, flagged=None) -> np.ndarray:
+                   dataset=None, flagged=None, unfamiliar=None) -> np.ndarray:
     """Bit mask of reasons per row (review.types flags).
 
     ``loss_`` is NaN where no label is known. Rows with ``dataset`` True come from a dataset import: they are
@@ -97,11 +99,12 @@ def review_reasons(conf, marg, loss_, audit, *, low_confidence: float, low_margi
     lo = np.asarray(loss_, dtype=np.float64)
     ds = np.zeros(n, bool) if dataset is None else np.asarray(dataset, bool)
     fl = np.zeros(n, bool) if flagged is None else np.asarray(flagged, bool)
+    odd = np.zeros(n, bool) if unfamiliar is None else np.asarray(unfamiliar, bool)
     with np.errstate(invalid="ignore"):
         lossy = np.nan_to_num(lo, nan=-np.inf) > high_loss
     unsure = (conf < low_confidence) | (marg < low_margin)
     traffic = np.where(unsure, LOW_CONFIDENCE, 0) | np.where(lossy, HIGH_LOSS, 0) | np.where(
-        np.asarray(audit, bool), AUDIT, 0) | np.where(fl, USER_FLAGGED, 0)
+        np.asarray(audit, bool), AUDIT, 0) | np.where(fl, USER_FLAGGED, 0) | np.where(odd, UNFAMILIAR, 0)
     return np.where(ds, np.where(lossy, DATASET, 0), traffic).astype(np.int64)
 
 
@@ -113,11 +116,11 @@ def queue_priority(reasons, conf, marg, loss_) -> np.ndarray:
     lo = np.asarray(loss_, dtype=np.float64)
     flagged_bound = -np.log(np.clip(1.0 - conf, _EPS, 1.0))
     known = np.where(np.isnan(lo), -np.inf, lo)
-    eff = np.where(r & USER_FLAGGED, np.maximum(known, flagged_bound), known)
+    eff = np.where(r & (USER_FLAGGED | CLAIMED_OUT_OF_DOMAIN), np.maximum(known, flagged_bound), known)
     eff = np.clip(np.where(np.isfinite(eff), eff, 0.0), 0.0, None)
     tier3 = 3.0 + eff / (1.0 + eff)  # monotone in loss, stays below 4
     tier1 = 1.0 + (1.0 - marg) * 0.999  # stays below 2
-    return np.select([(r & _TIER3) != 0, (r & AUDIT) != 0, (r & LOW_CONFIDENCE) != 0], [tier3, 2.0, tier1], 0.0)
+    return np.select([(r & _TIER3) != 0, (r & AUDIT) != 0, (r & _TIER1) != 0], [tier3, 2.0, tier1], 0.0)
 
 
 # --- label quality (dataset audits) ------------------------------------------------------------------------------

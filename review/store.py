@@ -123,7 +123,8 @@ class ReviewStore:
 
     # --- the prediction log ---------------------------------------------------------------------------------
     def log_prediction(self, *, model, data: bytes, stats: dict, probs: np.ndarray, source: str, latency_ms: float,
-                       claimed_label: str | None = None) -> str:
+                       claimed_label: str | None = None, unfamiliar: bool | None = None,
+                       unfamiliar_score: float | None = None) -> str:
         """Queue a prediction for the background writer and return its id at once (see review.writer).
 
         ``data``: the upload's encoded bytes as received (at most settings.max_upload_bytes; the writer decodes,
@@ -147,7 +148,8 @@ class ReviewStore:
         rec = ingest.PredictionRecord(id=pid, created=self.clock(), source=source, model_version=model.version,
                                       vocab=vocab, probs=probs,
                                       latency_ms=float(latency_ms) if math.isfinite(latency_ms) else 0.0,
-                                      data=data, claimed_label=claimed_label, keep_image=keep, stats=stats)
+                                      data=data, claimed_label=claimed_label, keep_image=keep, stats=stats,
+                                      unfamiliar=unfamiliar, unfamiliar_score=unfamiliar_score)
         with self._recent_lock:
             self._recent[pid] = model.version
             while len(self._recent) > _RECENT:
@@ -155,9 +157,13 @@ class ReviewStore:
         self._writer.submit(rec, key=pid, size=len(data))
         return pid
 
-    def record_feedback(self, prediction_id: str, *, correct: bool | None, claimed_label: str | None) -> None:
-        """End-user feedback; ``claimed_label`` (if given) is the label, ``correct`` is stored as given."""
-        if correct is None and claimed_label is None:
+    def record_feedback(self, prediction_id: str, *, correct: bool | None, claimed_label: str | None,
+                        out_of_domain: bool = False) -> None:
+        """End-user feedback; ``claimed_label`` (if given) is the label, ``correct`` is stored as given.
+        ``out_of_domain``: "none of these" (the image shows none of the classes): queued as such for review."""
+        if out_of_domain and (claimed_label is not None or correct):
+            raise ReviewError("'none of these' contradicts a label or 'right': send one or the other")
+        if correct is None and claimed_label is None and not out_of_domain:
             raise ReviewError("nothing to record: say whether the prediction is right, or give the right answer")
         with self._recent_lock:
             version = self._recent.get(prediction_id) if self._writer.is_pending(prediction_id) else None
@@ -167,7 +173,7 @@ class ReviewStore:
         if version is None:
             raise UnknownPrediction("unknown prediction id (or it was not stored)")
         _check_label(claimed_label, self.vocab(version))
-        self._writer.submit(ingest.FeedbackRecord(prediction_id, correct, claimed_label))
+        self._writer.submit(ingest.FeedbackRecord(prediction_id, correct, claimed_label, out_of_domain))
 
     def _write_batch(self, records: list) -> None:
         preds = [r for r in records if isinstance(r, ingest.PredictionRecord)]

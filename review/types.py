@@ -12,19 +12,25 @@ HIGH_LOSS = 2
 AUDIT = 4
 DATASET = 8
 USER_FLAGGED = 16
+UNFAMILIAR = 32  # the input looks unlike the model's reference images (model/unfamiliar.py)
+CLAIMED_OUT_OF_DOMAIN = 64  # a user said "none of these" / "not a <domain>"
 REASONS: dict[str, int] = {
     # listed in queue order (see review.scoring.queue_priority)
     "high_loss": HIGH_LOSS,
     "dataset": DATASET,
     "user_flagged": USER_FLAGGED,
+    "claimed_out_of_domain": CLAIMED_OUT_OF_DOMAIN,
     "audit": AUDIT,
+    "unfamiliar": UNFAMILIAR,
     "low_confidence": LOW_CONFIDENCE,
 }
 REASON_TEXT: dict[str, str] = {
     "high_loss": "The model confidently contradicts the label a user gave",
     "dataset": "Dataset audit: the model confidently contradicts the dataset's label",
     "user_flagged": "A user said the prediction is wrong",
+    "claimed_out_of_domain": "A user said the image shows none of the model's classes (out of domain)",
     "audit": "Random audit sample (checks the model's accuracy without bias)",
+    "unfamiliar": "The image looks unlike the ones the model was trained on (its answer is probably meaningless)",
     "low_confidence": "The model is unsure (low top probability or small margin)",
 }
 

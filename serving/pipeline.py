@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -18,6 +18,7 @@ import numpy as np
 from PIL import Image
 
 from model.predictor import ModelInfo, ThreadPlan, top_k
+from model.unfamiliar import Detector
 from serving.batcher import Batcher
 from serving.imageio import ImageRejected, decode_image, image_stats
 from serving.router import ModelRouter
@@ -48,6 +49,9 @@ class Answer:
     prediction_id: str | None  # None when not logged
     top_k: dict[str, float]  # most probable first (the shape gr.Label takes)
     features: np.ndarray | None = None  # (D,) the classifier's input (model/graph.py), None if the model has none
+    # Unlike the images the model was checked on (model/unfamiliar.py)? None: unknown (no detector, no features).
+    unfamiliar: bool | None = None
+    unfamiliar_score: float | None = None
 
     @property
     def label(self) -> str:
@@ -63,7 +67,8 @@ Result = Answer | ImageRejected | None
 
 class PredictionLog(Protocol):
     def log_prediction(self, *, model: ModelInfo, data: bytes, stats: dict, probs: np.ndarray, source: str,
-                       latency_ms: float, claimed_label: str | None = None) -> str: ...
+                       latency_ms: float, claimed_label: str | None = None, unfamiliar: bool | None = None,
+                       unfamiliar_score: float | None = None) -> str: ...
 
 
 def stats(img: Image.Image) -> dict:
@@ -82,7 +87,7 @@ class Observer(Protocol):
 class Pipeline:
     def __init__(self, router: ModelRouter, log: PredictionLog, *, max_bytes: int, max_pixels: int, top_k: int,
                  shadow=None, observer: Observer | None = None, batcher: Batcher | None = None,
-                 decoders: int = 1):
+                 decoders: int = 1, detectors: Callable[[ModelInfo], Detector | None] | None = None):
         self.router = router
         self.batcher = batcher or Batcher()
         self.log = log
@@ -92,15 +97,17 @@ class Pipeline:
         self.top_k = top_k
         self.observer = observer
         self._decoding = threading.BoundedSemaphore(decoders)
+        # The answering version's unfamiliar-input detector (serving/unfamiliar.Detectors), None: never flag
+        self.detectors = detectors
 
     @classmethod
     def from_settings(cls, settings, router: ModelRouter, log: PredictionLog, shadow=None,
-                      observer: Observer | None = None) -> Pipeline:
+                      observer: Observer | None = None, detectors=None) -> Pipeline:
         # Requests from every front end share one batcher (serving/batcher.py), lanes as the ThreadPlan says.
         lanes = ThreadPlan.from_settings(settings).lanes
         return cls(router, log, max_bytes=settings.max_upload_bytes, max_pixels=settings.max_pixels,
                    top_k=settings.top_k, shadow=shadow, observer=observer,
-                   batcher=Batcher(lanes, settings.max_batch_size), decoders=lanes)
+                   batcher=Batcher(lanes, settings.max_batch_size), decoders=lanes, detectors=detectors)
 
     def decode_bytes(self, data: bytes) -> Image.Image:
         return decode_image(data, max_bytes=self.max_bytes, max_pixels=self.max_pixels)
@@ -151,14 +158,17 @@ class Pipeline:
                     inputs.append(model.prepare([img]) if hasattr(model, "prepare") else img)
                     results[i] = stats(img)
                     del img
-            answered: dict[int, tuple] = {}  # item index -> (predictor, probability row, feature row or None)
+            answered: dict[int, tuple] = {}  # item index -> (predictor, probability row, feature row, flag, score)
             for model, idx, inputs in groups.values():
                 if hasattr(model, "prepare"):
                     rows = [(p[0], None if f is None else f[0]) for p, f in self.batcher.run(model, inputs)]
                 else:  # a stand-in predictor (tests): answers directly, no features
                     rows = [(p, None) for p in np.asarray(model.predict_probs(inputs))]
-                for i, (row, feat) in zip(idx, rows, strict=True):
-                    answered[i] = (model, row, feat)
+                feats = None if any(f is None for _, f in rows) else np.stack([f for _, f in rows])
+                flags = self._unfamiliar(model.info, feats)
+                for k, (i, (row, feat)) in enumerate(zip(idx, rows, strict=True)):
+                    flag, score = (None, None) if flags is None else (bool(flags[0][k]), float(flags[1][k]))
+                    answered[i] = (model, row, feat, flag, score)
         latency_ms = (time.perf_counter() - start) * 1000
         # The log gets the bytes as received and the sizes; its writer decodes, measures and stores the rest.
         out: list[Result] = []
@@ -166,15 +176,24 @@ class Pipeline:
             if i not in answered:
                 out.append(result)
                 continue
-            model, row, feat = answered[i]
+            model, row, feat, flag, score = answered[i]
             pid = None
             if item.log:
                 pid = self.log.log_prediction(model=model.info, data=item.data, stats=result, probs=row,
                                               source=item.source, latency_ms=latency_ms,
-                                              claimed_label=item.claimed_label)
-            out.append(Answer(row, model.info, latency_ms, pid, top_k(row, model.info.vocab, self.top_k), feat))
+                                              claimed_label=item.claimed_label, unfamiliar=flag,
+                                              unfamiliar_score=score)
+            out.append(Answer(row, model.info, latency_ms, pid, top_k(row, model.info.vocab, self.top_k), feat,
+                              flag, score))
         self._shadow(routes, items, out)
         return out
+
+    def _unfamiliar(self, info: ModelInfo, feats: np.ndarray | None):
+        """(flags, scores) for one model's batch, or None: unknown (no detector for this version, no features)."""
+        if self.detectors is None or feats is None:
+            return None
+        detector = self.detectors(info)
+        return None if detector is None else detector.flags(feats)
 
     def _shadow(self, routes, items: Sequence[Input], out: list[Result]) -> None:
         """Hand the logged live answers to the shadow model, if one is set; returns at once (serving.shadow)."""

@@ -147,3 +147,26 @@ def build_multilabel_learner(data: Path):
     with learn.no_bar(), learn.no_logging():
         learn.fit(1, 1e-3)
     return learn
+
+
+def build_trained_color_learner(data: Path):
+    """A user's own small 3-class learner that has really learned its classes (the other kinds here train for one
+    short epoch: enough to test preprocessing, not to give features that mean anything). ~3 s."""
+    from fastai.vision.all import (
+        ImageDataLoaders,
+        Learner,
+        Normalize,
+        Resize,
+        ResizeMethod,
+        accuracy,
+        imagenet_stats,
+        set_seed,
+    )
+
+    set_seed(0)
+    dls = ImageDataLoaders.from_folder(data, valid_pct=0.25, seed=0, item_tfms=Resize(64, method=ResizeMethod.Squish),
+                                       batch_tfms=[Normalize.from_stats(*imagenet_stats)], bs=8, num_workers=0)
+    learn = Learner(dls, _tiny_cnn(dls.c), metrics=accuracy)
+    with learn.no_bar(), learn.no_logging():
+        learn.fit_one_cycle(8, 1e-2)
+    return learn

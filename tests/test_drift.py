@@ -83,7 +83,8 @@ def test_saturation_separates_grey_from_colour():
 # --- the reference file -----------------------------------------------------------------------------------------
 def test_the_demo_ships_its_reference(demo_predictor, tmp_path):
     path = find_reference(tmp_path, demo_predictor.info.sha256)
-    assert path is not None and path.stat().st_size < 10_000
+    # ~97 KB: mostly the unfamiliar-input detector (a 128 x 128 whitening matrix, float32; model/unfamiliar.py)
+    assert path is not None and path.stat().st_size < 200_000
     ref = load_reference(path, expect_sha256=demo_predictor.info.sha256)
     assert ref.vocab == demo_predictor.info.vocab
     assert ref.section("predictions")["n"] == ref.section("inputs")["n"] == ref.doc["n_images"] == 718

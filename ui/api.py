@@ -21,6 +21,7 @@ from pydantic import BaseModel, Field
 from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import FormData, UploadFile
 
+from model.unfamiliar import MESSAGE as UNFAMILIAR_MESSAGE
 from review.types import ReviewError, UnknownPrediction
 from serving.gate import Allowance, Busy, Gate
 from serving.imageio import ImageRejected
@@ -75,6 +76,10 @@ class ApiHandlers:
             "model": self.model_json(answer.model),
             "latency_ms": round(latency_ms, 3),
             "prediction_id": answer.prediction_id,
+            # unlike the images the model was trained on (model/unfamiliar.py); null: unknown (no reference data)
+            "unfamiliar": answer.unfamiliar,
+            "unfamiliar_score": None if answer.unfamiliar_score is None else round(answer.unfamiliar_score, 3),
+            "warning": UNFAMILIAR_MESSAGE if answer.unfamiliar else None,
         })
 
     async def read_form(self, request: Request) -> FormData:
@@ -109,6 +114,8 @@ class Feedback(BaseModel):
     correct: bool | None = Field(default=None, description="Was the answer right?")
     label: str | None = Field(default=None, description="The right class (one of the model's classes).",
                               max_length=200)
+    none_of_these: bool = Field(default=False, description="The image shows none of the model's classes "
+                                "(out of domain): queued for review as such.")
 
 
 def build_api_router(settings, pipeline: Pipeline, store, gate: Gate, monitor=None) -> APIRouter:
@@ -178,7 +185,8 @@ def build_api_router(settings, pipeline: Pipeline, store, gate: Gate, monitor=No
         """Tell Loupe whether an answer was right, or what the right class is: the prediction is queued for
         review when a person contradicts a confident model (and the label feeds retraining once reviewed)."""
         try:
-            store.record_feedback(body.prediction_id, correct=body.correct, claimed_label=body.label)
+            store.record_feedback(body.prediction_id, correct=False if body.none_of_these else body.correct,
+                                  claimed_label=body.label, out_of_domain=body.none_of_these)
         except UnknownPrediction as e:
             return error(404, e.args[0])
         except ReviewError as e:

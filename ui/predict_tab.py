@@ -14,6 +14,7 @@ import binascii
 import gradio as gr
 
 from model.predictor import ThreadPlan
+from model.unfamiliar import MESSAGE as UNFAMILIAR_MESSAGE
 from review.types import ReviewError
 from serving.imageio import ImageRejected
 from serving.pipeline import Answer, Input, Pipeline, Result
@@ -25,6 +26,9 @@ from ui.result_panel import result_panel, wire_feedback
 LIVE_STREAMS = 4
 # Feedback and other cheap events; they never run the model.
 DEFAULT_CONCURRENCY = 4
+# The feedback dropdown's "none of these" choice (its value; the label says "Not a <domain>"). Parentheses: no
+# class name is matched by it (a class literally named so still wins: see feedback()).
+NONE_OF_THESE = "(none of these)"
 NOT_AN_UPLOAD = "This image is not one you uploaded, or it has expired; please upload it again."
 # Gradio's Sketchpad starts with no tool selected ("select the draw tool to start"): pick the brush when the
 # Draw tab opens. The tab's content may render a moment after the select event, hence the short retry.
@@ -51,6 +55,16 @@ def model_slots(settings) -> int:
 
 def serving_demo(settings) -> bool:
     return settings.model_path is None
+
+
+def none_of_these_label(settings) -> str:
+    """The feedback control's out-of-domain choice: "Not a <domain>" (LOUPE_MODEL_DOMAIN, the demo's "digit")."""
+    domain = settings.model_domain or ("digit" if serving_demo(settings) else None)
+    return f"Not a {domain} (none of these)" if domain else "None of these"
+
+
+def unfamiliar_warning(answer: Answer) -> str | None:
+    return UNFAMILIAR_MESSAGE if answer.unfamiliar else None
 
 
 def _sessions(requests, n: int) -> list[str | None]:
@@ -124,7 +138,10 @@ class PredictHandlers:
 
     @staticmethod
     def describe(answer: Answer) -> str:
-        return f"Model `{answer.model.version}` · {answer.model.backend} · {answer.latency_ms:.1f} ms"
+        line = f"Model `{answer.model.version}` · {answer.model.backend} · {answer.latency_ms:.1f} ms"
+        if answer.unfamiliar:  # beside the answer, in every tab: the answer is probably meaningless
+            return f"⚠️ **{UNFAMILIAR_MESSAGE}**\n\n{line}"
+        return line
 
     def predict_batch(self, payloads: list, source: str, requests=None) -> tuple[list, list, list, list]:
         """Gradio batch function: lists in, one list per output component out (label, info line, state, and the
@@ -146,7 +163,8 @@ class PredictHandlers:
                 states.append({"id": r.prediction_id, "label": r.label, "model": r.model.version,
                                "classes": list(r.model.vocab)})
                 details.append({"prediction_id": r.prediction_id, "label": r.label, "confidence": r.confidence,
-                                "model": r.model.version, "latency_ms": round(r.latency_ms, 3)})
+                                "model": r.model.version, "latency_ms": round(r.latency_ms, 3),
+                                "unfamiliar": r.unfamiliar, "warning": unfamiliar_warning(r)})
             else:
                 labels.append(None)
                 infos.append(f"**Image not accepted:** {r.args[0]}" if isinstance(r, ImageRejected) else "")
@@ -172,6 +190,12 @@ class PredictHandlers:
         """Record "Is this right?" (``correct``) or "the right answer is ..." (``claimed``) for the last prediction."""
         if not state:
             return "Classify an image first, then tell us whether the answer was right."
+        if claimed == NONE_OF_THESE and claimed not in state["classes"]:
+            try:
+                self.store.record_feedback(state["id"], correct=False, claimed_label=None, out_of_domain=True)
+            except ReviewError as e:
+                raise gr.Error(e.args[0], print_exception=False) from None
+            return "Thanks, noted: the image shows none of these classes."
         if claimed is not None:
             if claimed not in state["classes"]:
                 raise gr.Error("Pick one of the listed classes.", print_exception=False)
@@ -186,18 +210,24 @@ class PredictHandlers:
             return "Thanks, noted. If you know the right answer, pick it above."
         return f"Thanks, noted: the right answer is **{claimed}**."
 
-    def api_feedback(self, prediction_id: str, correct: bool | None = None, label: str | None = None) -> str:
-        """Feedback on a /predict answer for API clients (gradio_client): was it right, and/or the right class."""
+    def api_feedback(self, prediction_id: str, correct: bool | None = None, label: str | None = None,
+                     none_of_these: bool = False) -> str:
+        """Feedback on a /predict answer for API clients (gradio_client): was it right, and/or the right class,
+        or ``none_of_these`` (the image shows none of the model's classes)."""
         try:
-            self.store.record_feedback(prediction_id, correct=correct, claimed_label=label or None)
+            self.store.record_feedback(prediction_id, correct=False if none_of_these else correct,
+                                       claimed_label=label or None, out_of_domain=none_of_these)
         except ReviewError as e:
             raise gr.Error(e.args[0], print_exception=False) from None
         return "recorded"
 
-    @staticmethod
-    def reset_feedback(state: dict | None):
-        """A new answer: the feedback widgets start afresh, offering the classes of the model that answered."""
-        return gr.update(choices=list(state["classes"]) if state else [], value=None), ""
+    def reset_feedback(self, state: dict | None):
+        """A new answer: the feedback widgets start afresh, offering the classes of the model that answered, and
+        "none of these"."""
+        if not state:
+            return gr.update(choices=[], value=None), ""
+        choices = [(c, c) for c in state["classes"]] + [(none_of_these_label(self.settings), NONE_OF_THESE)]
+        return gr.update(choices=choices, value=None), ""
 
     def header(self) -> str:
         """Title (LOUPE_MODEL_NAME), what the model does (LOUPE_MODEL_DESCRIPTION), and which version answers: of
