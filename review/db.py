@@ -319,17 +319,9 @@ def make_engine(url: str, *, deferred: bool = False) -> Engine:
     return engine
 
 
-# Any constant: the advisory lock that serialises schema creation across processes on one PostgreSQL.
-_SCHEMA_LOCK = 0x4C6F757065  # "Loupe"
-
 
 def create_all(engine: Engine) -> None:
-    """Create missing tables. Replicas starting together on one fresh PostgreSQL would race on CREATE TABLE (one
-    fails with a unique violation on pg_type, measured): they take turns under a transaction-scoped advisory
-    lock, and each sees the tables the previous one created."""
-    if engine.dialect.name != "postgresql":
-        Base.metadata.create_all(engine)
-        return
-    with engine.begin() as conn:
-        conn.exec_driver_sql(f"SELECT pg_advisory_xact_lock({_SCHEMA_LOCK})")
-        Base.metadata.create_all(conn)
+    """Create the schema, or upgrade an existing one to this version's (review.migrate: Alembic)."""
+    from review.migrate import upgrade
+
+    upgrade(engine)
