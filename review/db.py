@@ -129,8 +129,10 @@ class QueueEntry(Base):
     audit: Mapped[bool] = mapped_column(Boolean, default=False)
     dataset: Mapped[bool] = mapped_column(Boolean, default=False)
     user_flagged: Mapped[bool] = mapped_column(Boolean, default=False)
-    unfamiliar: Mapped[bool] = mapped_column(Boolean, default=False)
-    claimed_out_of_domain: Mapped[bool] = mapped_column(Boolean, default=False)
+    # Reasons added after the first release: a server default fills the rows queued before them ("0": false in
+    # SQLite and PostgreSQL alike, and a plain string lets SQLite add the column without copying the table).
+    unfamiliar: Mapped[bool] = mapped_column(Boolean, default=False, server_default="0")
+    claimed_out_of_domain: Mapped[bool] = mapped_column(Boolean, default=False, server_default="0")
     priority: Mapped[float] = mapped_column(Float)
     status: Mapped[str] = mapped_column(String(8), default="open")  # open | done
     claimed_by: Mapped[str | None] = mapped_column(String(200))
@@ -325,17 +327,9 @@ def make_engine(url: str, *, deferred: bool = False) -> Engine:
     return engine
 
 
-# Any constant: the advisory lock that serialises schema creation across processes on one PostgreSQL.
-_SCHEMA_LOCK = 0x4C6F757065  # "Loupe"
-
 
 def create_all(engine: Engine) -> None:
-    """Create missing tables. Replicas starting together on one fresh PostgreSQL would race on CREATE TABLE (one
-    fails with a unique violation on pg_type, measured): they take turns under a transaction-scoped advisory
-    lock, and each sees the tables the previous one created."""
-    if engine.dialect.name != "postgresql":
-        Base.metadata.create_all(engine)
-        return
-    with engine.begin() as conn:
-        conn.exec_driver_sql(f"SELECT pg_advisory_xact_lock({_SCHEMA_LOCK})")
-        Base.metadata.create_all(conn)
+    """Create the schema, or upgrade an existing one to this version's (review.migrate: Alembic)."""
+    from review.migrate import upgrade
+
+    upgrade(engine)
