@@ -1,7 +1,8 @@
 """Synthetic traffic for the drift alarms (tests/test_drift.py, bench/monitor_bench.py), on the demo model.
 
 The unshifted stream is drawn like the demo's reference (model/calibrate.py ``demo_items``: soft digits at 128 px
-and pen strokes at 280 px, dark on white) but from the *training* split, so it never repeats a reference image.
+and pen strokes at 280 px, dark on light and light on dark) but from the *training* split, so it never repeats a
+reference image.
 Shifts: darkened (night-time), downscaled to 32 px (a low-resolution camera), one class flooding, and a burst of
 photos (crops of scikit-learn's bundled sample photos: no download).
 """
@@ -18,14 +19,16 @@ SHIFTS = ("unshifted", "darkened", "downscaled", "flooding", "photos")
 
 
 def digit_pool(seed: int = 0) -> tuple[list[Image.Image], list[str]]:
-    """Every training-split digit, rendered as the reference is (alternating soft 128 px / pen 280 px)."""
-    from model.demo import _split, render, render_pen
+    """Every training-split digit, rendered as the reference is (in turn: soft 128 px, pen 280 px, each dark on
+    light, then light on dark)."""
+    from model.demo import _split, invert, render, render_pen
 
     digits, train, _ = _split()
     rng = np.random.RandomState(seed)
     images, labels = [], []
     for k, i in enumerate(train):
-        images.append(render(digits.data[i], 128) if k % 2 == 0 else render_pen(digits.data[i], rng, 280))
+        img = render(digits.data[i], 128) if k % 2 == 0 else render_pen(digits.data[i], rng, 280)
+        images.append(invert(img) if k % 4 >= 2 else img)
         labels.append(str(digits.target[i]))
     return images, labels
 

@@ -127,6 +127,7 @@ class Batch:
     stats: list[dict]  # measure(image) per image
     predictor: object  # the model (e.g. for features from another output)
     features: np.ndarray | None = None  # (n, D) the classifier's input (model/graph.py), None if the model has none
+    groups: list | None = None  # per image: its source (renderings of one digit share one), None: every image its own
 
 
 class Section(Protocol):
@@ -197,21 +198,23 @@ def default_sections(predictor) -> list[Section]:
 
 
 # --- computing --------------------------------------------------------------------------------------------------
-def compute_reference(predictor, items: Iterable[tuple[Image.Image, str | None]], *, source: str,
+def compute_reference(predictor, items: Iterable[tuple], *, source: str,
                       sections: Sequence[Section] | None = None, batch_size: int = 32,
                       on_batch: Callable[[int], None] | None = None) -> dict:
-    """Run ``items`` ((decoded image, label or None), ...) through the model in batches, feed every section, and
-    return the reference document. ``on_batch(n)``: progress (n images done in this batch)."""
+    """Run ``items`` ((decoded image, label or None[, group]), ...) through the model in batches, feed every section,
+    and return the reference document. ``group``: images from one source (e.g. renderings of one digit), which
+    out-of-fold fits keep in one fold. ``on_batch(n)``: progress (n images done in this batch)."""
     sections = list(sections) if sections is not None else default_sections(predictor)
     n = 0
 
-    def flush(images, labels):
+    def flush(images, labels, groups):
         if hasattr(predictor, "predict"):  # the serving predictors: probabilities and features in one pass
             probs, feats = predictor.predict(images)
         else:
             probs, feats = predictor.predict_probs(images), None
         batch = Batch(images, labels, np.asarray(probs, dtype=np.float64), [measure(im) for im in images], predictor,
-                      None if feats is None else np.asarray(feats, dtype=np.float32))
+                      None if feats is None else np.asarray(feats, dtype=np.float32),
+                      None if all(g is None for g in groups) else groups)
         for section in sections:
             section.add(batch)
         if on_batch is not None:
@@ -219,15 +222,17 @@ def compute_reference(predictor, items: Iterable[tuple[Image.Image, str | None]]
 
     images: list = []
     labels: list = []
-    for img, label in items:
+    groups: list = []
+    for img, label, *group in items:
         images.append(img)
         labels.append(label)
+        groups.append(group[0] if group else None)
         n += 1
         if len(images) >= batch_size:
-            flush(images, labels)
-            images, labels = [], []
+            flush(images, labels, groups)
+            images, labels, groups = [], [], []
     if images:
-        flush(images, labels)
+        flush(images, labels, groups)
     if n == 0:
         raise ReferenceError("no images to compute a reference from")
     info = predictor.info

@@ -65,14 +65,18 @@ def prepare_folder(folder: Path) -> None:
         if children and not (folder / MARKER).exists():
             raise GradioFolderError(f"{folder} holds files Loupe did not write; it empties this folder at start-up, "
                                     "so it will not use it. Remove it or set LOUPE_GRADIO_TEMP_DIR.") from None
-        for child in children:
-            if child.is_dir() and not child.is_symlink():
-                shutil.rmtree(child)
-            else:
-                child.unlink()
+        _empty(children)
         if children:
             log.info("emptied %s (%d entries left by an earlier run)", folder, len(children))
     (folder / MARKER).touch()
+
+
+def _empty(children) -> None:
+    for child in children:
+        if child.is_dir() and not child.is_symlink():
+            shutil.rmtree(child, ignore_errors=True)
+        else:
+            child.unlink(missing_ok=True)
 
 
 @dataclass
@@ -215,9 +219,12 @@ class UploadStore:
         return len(gone)
 
     def close(self) -> None:
-        """At shutdown: every upload, then the folder itself (Gradio's example copies are made again at start)."""
+        """At shutdown: every upload, then the rest of the folder (Gradio's example copies are made again at start).
+        The folder and its marker stay: a Blocks built later in this process still writes to GRADIO_TEMP_DIR, and a
+        folder recreated without the marker would stop the next start (measured in the test suite)."""
         self.sweep(everything=True)
-        shutil.rmtree(self.folder, ignore_errors=True)
+        if self.folder.is_dir():
+            _empty([c for c in self.folder.iterdir() if c.name != MARKER])
 
     def held_bytes(self) -> int:
         with self._lock:
