@@ -315,6 +315,16 @@ def test_encode_for_storage_is_lossless_and_deterministic():
     assert np.array_equal(np.asarray(Image.open(io.BytesIO(stored))), arr)
 
 
+def test_a_small_image_stays_lossless_only_when_its_source_was():
+    """A 224 px photo that arrived as a JPEG is kept as a JPEG (a lossless copy of lossy pixels buys nothing and its
+    PNG encode was a tenth of the server's CPU under load); the same pixels from a PNG stay a lossless PNG."""
+    arr = np.random.default_rng(2).integers(0, 256, (224, 224, 3), dtype=np.uint8)
+    img = Image.fromarray(arr)
+    assert encode_for_storage(img, lossless_source=False)[:3] == b"\xff\xd8\xff"
+    stored = encode_for_storage(img, lossless_source=True)
+    assert stored[:8] == b"\x89PNG\r\n\x1a\n" and np.array_equal(np.asarray(Image.open(io.BytesIO(stored))), arr)
+
+
 # --- mode conversion goldens ---------------------------------------------------------------------------
 
 
