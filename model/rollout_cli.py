@@ -1,4 +1,4 @@
-"""The rollout commands of ``python -m model.versions`` (model.versions.main wires them in): thin wrappers around
+"""The rollout commands of ``python -m model.versions`` (model.versions_cli.main wires them in): thin wrappers around
 model.rollout, the same functions the Models tab calls. Exit codes: 0 done, 2 error, 3 the gate refused."""
 
 from __future__ import annotations

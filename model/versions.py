@@ -19,15 +19,14 @@ A registered version loads only through the pinned path: ``load_predictor(record
 checks the registry's sha256 and unpickles those bytes (model.loading). Every registered version is also in the
 ``models`` table (review.store's vocab registry, used by logging) under the same version string.
 
-CLI: ``python -m model.versions list | show <version> | compare <a> <b>`` (read-only), and the rollout commands
-(``shadow | canary | stop | disagreements | seen | gate | promote | rollback | history``: model.rollout_cli), which
-change statuses only through model.rollout, so promotion always goes through the gate (model.promotion).
+CLI (model.versions_cli): ``python -m model.versions list | show <version> | compare <a> <b>`` (read-only), and
+the rollout commands (``shadow | canary | stop | disagreements | seen | gate | promote | rollback | history``:
+model.rollout_cli), which change statuses only through model.rollout, so promotion always goes through the gate
+(model.promotion).
 """
 
 from __future__ import annotations
 
-import argparse
-import json
 import sys
 from dataclasses import dataclass, replace
 from datetime import datetime
@@ -271,7 +270,7 @@ def load_predictor(record: VersionRecord, settings):
     return load(settings, ModelSource(path, record.sha256, record.name))
 
 
-# --- CLI ---------------------------------------------------------------------------------------------------------
+# --- summaries (the CLI: model.versions_cli; the Models tab) -------------------------------------------------
 def summary(rec: VersionRecord) -> dict:
     counts = rec.data.get("counts", {})
     return {"version": rec.version, "status": rec.status, "parent": rec.parent, "created": rec.created.isoformat(),
@@ -302,68 +301,9 @@ def compare(a: VersionRecord, b: VersionRecord) -> dict:
             "caveat": note}
 
 
-def _table(records: list[VersionRecord]) -> str:
-    lines = [f"{'version':<34} {'status':<9} {'error':>7} {'images':>7}  {'created':<19}  parent"]
-    for r in records:
-        s = summary(r)
-        err = "-" if s["error_rate"] is None else f"{s['error_rate']:.4f}"
-        lines.append(f"{r.version:<34} {r.status:<9} {err:>7} {s['images'] or '-':>7}  "
-                     f"{r.created.strftime('%Y-%m-%d %H:%M:%S'):<19}  {r.parent or '-'}")
-    return "\n".join(lines)
-
-
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m model.versions",
-                                description="List, show and compare model versions; roll them out (model.rollout).")
-    sub = p.add_subparsers(dest="command", required=True)
-    sub.add_parser("list", help="every registered version, oldest first")
-    s = sub.add_parser("show", help="one version: metrics, data snapshot, report files")
-    s.add_argument("version", help="version string or a sha256 prefix")
-    c = sub.add_parser("compare", help="two versions side by side")
-    c.add_argument("a")
-    c.add_argument("b")
-    from model import rollout_cli
-
-    rollout_cli.add_commands(sub)  # shadow, canary, stop, disagreements, seen, gate, promote, rollback, history
-    args = p.parse_args(argv)
-
-    from model.loading import ModelLoadError
-    from review.store import ReviewStore
-    from settings import Settings
-
-    settings = Settings()
-    store = ReviewStore(settings)
-    try:
-        def need(s: Session, v: str) -> VersionRecord:
-            rec = get(s, v)
-            if rec is None:
-                raise VersionError(f"unknown model version {v!r} (see: python -m model.versions list)")
-            return rec
-
-        if args.command in rollout_cli.COMMANDS:
-            return rollout_cli.run(args, settings, store)
-        if args.command == "list":
-            print(_table(store.transaction(list_versions, read=True)))
-        elif args.command == "show":
-            rec = located(store.transaction(lambda s: need(s, args.version), read=True), settings)
-            out = {**summary(rec), "sha256": rec.sha256, "path": str(rec.export_path(settings.data_dir)),
-                   "vocab": list(rec.vocab), "metrics": rec.metrics, "data": rec.data, "recipe": rec.recipe,
-                   "report": str(rec.report_dir(settings.data_dir))}
-            print(json.dumps(out, indent=2, default=str))
-        else:
-            a, b = store.transaction(lambda s: (need(s, args.a), need(s, args.b)), read=True)
-            print(json.dumps(compare(a, b), indent=2, default=str))
-    except (VersionError, ModelLoadError) as exc:
-        print(f"error: {exc.args[0]}", file=sys.stderr)
-        return 2
-    finally:
-        store.close()
-    return 0
-
-
 if __name__ == "__main__":
-    # The imported module's main, not this __main__ copy's: model.rollout raises model.versions.VersionError, and
-    # that is the class main() must catch (under ``python -m`` this file's own VersionError is another class).
-    from model.versions import main as registry_main
+    # The CLI lives in model.versions_cli (it imports this module properly, so model.rollout's VersionError is the
+    # class it catches; under ``python -m`` this file's own copy would be another class).
+    from model.versions_cli import main
 
-    sys.exit(registry_main())
+    sys.exit(main())

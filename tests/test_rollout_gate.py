@@ -10,7 +10,7 @@ import logging
 import pytest
 from sqlalchemy import select
 
-from model import promotion, rollout, versions
+from model import promotion, rollout, versions, versions_cli
 from review.db import ModelVersionEvent, RolloutAction, ShadowPrediction
 from tests import review_fixtures as rf
 from tests.rollout_support import make_world
@@ -230,27 +230,27 @@ def test_cli_goes_through_the_same_gate(services, sqlite_url, monkeypatch, capsy
     monkeypatch.setattr(rollout, "loader", lambda settings, router=None: w.load)
     cand = w.candidate.version
 
-    assert versions.main(["shadow", cand, "--by", "carol"]) == 0
-    assert versions.main(["canary", cand, "--share", "0.3", "--by", "carol"]) == 0
+    assert versions_cli.main(["shadow", cand, "--by", "carol"]) == 0
+    assert versions_cli.main(["canary", cand, "--share", "0.3", "--by", "carol"]) == 0
     assert read(w, lambda s: rollout.canary_share(s, cand, 0.1)) == 0.3
     w.cand.wrong = set(range(0, 20))
     capsys.readouterr()
-    assert versions.main(["gate", cand]) == 3
+    assert versions_cli.main(["gate", cand]) == 3
     assert "[FAIL] Random audit sample" in capsys.readouterr().out
-    assert versions.main(["promote", cand, "--yes", "--by", "carol"]) == 3  # refused: nothing changed
+    assert versions_cli.main(["promote", cand, "--yes", "--by", "carol"]) == 3  # refused: nothing changed
     assert read(w, versions.current).version == w.current.version
     w.cand.wrong = set()
-    assert versions.main(["promote", cand, "--by", "carol"]) == 2  # no terminal to confirm on, and no --yes
+    assert versions_cli.main(["promote", cand, "--by", "carol"]) == 2  # no terminal to confirm on, and no --yes
     assert "--yes" in capsys.readouterr().err
-    assert versions.main(["promote", cand, "--yes", "--by", "carol"]) == 0
+    assert versions_cli.main(["promote", cand, "--yes", "--by", "carol"]) == 0
     assert read(w, versions.current).version == cand
-    assert versions.main(["rollback", "--by", "dave"]) == 0
+    assert versions_cli.main(["rollback", "--by", "dave"]) == 0
     assert read(w, versions.current).version == w.current.version
     capsys.readouterr()
-    assert versions.main(["history"]) == 0
+    assert versions_cli.main(["history"]) == 0
     rows = json.loads(capsys.readouterr().out)
     assert [(r["action"], r["by"]) for r in rows[:2]] == [("rollback", "dave"), ("promote", "carol")]
-    assert versions.main(["promote", "nope", "--yes"]) == 2
+    assert versions_cli.main(["promote", "nope", "--yes"]) == 2
     assert "unknown model version 'nope'" in capsys.readouterr().err
 
 

@@ -9,6 +9,7 @@ import pytest
 from sqlalchemy.exc import IntegrityError
 
 from model import versions as V
+from model import versions_cli
 from model.loading import ModelLoadError
 from review.db import ModelVersion
 from tests import review_fixtures as rf
@@ -133,12 +134,12 @@ def test_compare_and_cli(services, sqlite_url, monkeypatch, capsys):
     settings = kit.store.settings
     monkeypatch.setenv("LOUPE_DATA_DIR", str(settings.data_dir))
     monkeypatch.setenv("LOUPE_DATABASE_URL", settings.db_url)
-    assert V.main(["list"]) == 0
+    assert versions_cli.main(["list"]) == 0
     out = capsys.readouterr().out
     assert a.version in out and b.version in out and "0.1000" in out
-    assert V.main(["show", "bbbbbbbbbb"]) == 0
+    assert versions_cli.main(["show", "bbbbbbbbbb"]) == 0
     assert json.loads(capsys.readouterr().out)["parent"] == a.version
-    assert V.main(["compare", a.version, b.version]) == 0
+    assert versions_cli.main(["compare", a.version, b.version]) == 0
     assert json.loads(capsys.readouterr().out)["lineage"] == "b descends from a"
-    assert V.main(["show", "missing"]) == 2
+    assert versions_cli.main(["show", "missing"]) == 2
     assert "unknown model version" in capsys.readouterr().err
