@@ -19,7 +19,7 @@ from pathlib import Path
 from sqlalchemy import delete, func, select, update
 from sqlalchemy.orm import Session
 
-from review.db import Prediction, QueueEntry, StoredImage
+from review.db import Prediction, QueueEntry, ShadowPrediction, StoredImage
 from review.imagestore import ImageStore
 
 _CHUNK = 500  # keeps IN (...) lists well under SQLite's and PostgreSQL's parameter limits
@@ -84,6 +84,7 @@ class PurgeReport:
     predictions: int = 0
     images: list[str] = field(default_factory=list)  # delete these files after the transaction commits
     items_closed: int = 0
+    shadow_predictions: int = 0  # a candidate's answers to the purged traffic (rollout; no image, but traffic)
 
 
 def purge(session: Session, *, cutoff: datetime, dry_run: bool = False) -> PurgeReport:
@@ -92,6 +93,8 @@ def purge(session: Session, *, cutoff: datetime, dry_run: bool = False) -> Purge
     affected = list(session.scalars(select(Prediction.image_sha256).where(*old, Prediction.image_sha256.is_not(None))
                                     .distinct()))
     report.predictions = session.scalar(select(func.count()).select_from(Prediction).where(*old))
+    old_shadow = ShadowPrediction.created < cutoff  # only live traffic is shadowed: no dataset rows to keep
+    report.shadow_predictions = session.scalar(select(func.count()).select_from(ShadowPrediction).where(old_shadow))
     if dry_run:
         kept = {sha for chunk in _chunks(affected) for sha in session.scalars(
             select(Prediction.image_sha256).where(Prediction.image_sha256.in_(chunk), ~(old[0] & old[1])))}
@@ -99,6 +102,7 @@ def purge(session: Session, *, cutoff: datetime, dry_run: bool = False) -> Purge
         return report
     # queue_items.prediction_id is ON DELETE SET NULL: items keep existing, pointing at nothing for a moment
     session.execute(delete(Prediction).where(*old))
+    session.execute(delete(ShadowPrediction).where(old_shadow))
     kept = set()
     for chunk in _chunks(affected):
         kept |= set(session.scalars(select(Prediction.image_sha256).where(Prediction.image_sha256.in_(chunk))))

@@ -5,6 +5,7 @@ import subprocess
 import sys
 import time
 from dataclasses import replace
+from datetime import timedelta
 from pathlib import Path
 
 import numpy as np
@@ -15,7 +16,7 @@ from bench import synthetic
 from review import __main__ as cli
 from review import jobs
 from review.auth import check_password
-from review.db import Prediction, QueueEntry
+from review.db import Prediction, QueueEntry, ShadowPrediction
 from review.types import ReviewError
 from tests import review_fixtures as rf
 from tests.review_fixtures import MODEL, FakeClock, FakePredictor, probs, square, upload
@@ -78,13 +79,22 @@ def test_purge_keeps_decisions_and_dataset(services, sqlite_url, tmp_path):
     clock.advance(days=10)
     log(svc, b.copy())  # b is seen again recently: its image must stay
     new = log(svc, square((40, 1, 1)))
+    # a shadow candidate's answers to that traffic: purged with it, kept when recent
+    svc.store.transaction(lambda s: s.add_all([ShadowPrediction(
+        prediction_id=pid, created=when, role="shadow", model_version="cand", served_version=MODEL.version,
+        served_label="red", predicted="blue", confidence=0.6, probs=[0.2, 0.2, 0.6], agrees=False, latency_ms=1.0)
+        for pid, when in (("old", clock() - timedelta(days=10)), ("new", clock()))]))
 
     with pytest.raises(ReviewError, match="retention"):
         jobs.purge(svc.store)
     dry = jobs.purge(svc.store, days=5, dry_run=True)
     assert dry.predictions == 3 and len(dry.images) == 2 and svc.desk.counts()["predictions"] == 6
+    assert dry.shadow_predictions == 1
     report = jobs.purge(svc.store, days=5)
     assert report.predictions == 3 and len(report.images) == 2 and report.items_closed == 1
+    assert report.shadow_predictions == 1
+    assert svc.store.transaction(lambda s: s.scalars(select(ShadowPrediction.prediction_id)).all(),
+                                 read=True) == ["new"]
     assert all(not svc.store.images.exists(sha) for sha in report.images) and decided.image_sha256 in report.images
     counts = svc.desk.counts()
     assert counts["predictions"] == 3 and counts["queue_purged"] == 1 and counts["queue_done"] == 2
