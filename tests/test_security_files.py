@@ -331,7 +331,7 @@ def test_unneeded_gradio_routes_are_gone(app, client):
 def test_handler_opens_only_what_the_upload_store_vouches_for(tmp_path, demo_predictor):
     """The second layer on its own, without a server: PredictHandlers.read with the real UploadStore."""
     from serving.imageio import ImageRejected
-    from ui.predict_tab import PredictHandlers
+    from ui.predict_handlers import PredictHandlers
     from ui.upload_store import READ_GRACE_S, UploadStore
 
     now = [0.0]

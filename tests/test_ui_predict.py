@@ -22,7 +22,8 @@ from tests.test_api import (
     stored,
     upright_sensitive_digit,
 )
-from ui.predict_tab import PredictHandlers, build_predict_app, storage_notice
+from ui.predict_handlers import PredictHandlers
+from ui.predict_tab import build_predict_app, storage_notice
 
 TOL = 1e-5
 

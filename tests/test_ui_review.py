@@ -20,8 +20,9 @@ from review.db import Decision, QueueEntry
 from settings import Settings
 from tests.review_fixtures import Kit, build_kit, upload
 from ui.review_auth import auth_fn, hf_auth_dependency, require_reviewer
+from ui.review_handlers import ReviewHandlers, Screen
 from ui.review_keys import action_keys, class_hint, key_label, keymap, keys_line, shortcut_keys
-from ui.review_tab import ReviewHandlers, Screen, build_review_app, review_mount_options
+from ui.review_tab import build_review_app, review_mount_options
 from ui.review_view import image_html
 
 VOCAB = ("cat", "dog", "bird")

@@ -221,7 +221,7 @@ def test_no_detector_means_unknown_not_an_error(served, tmp_path, demo_predictor
 
 def test_none_of_these_reaches_the_queue_as_an_out_of_domain_claim(served):
     from review.types import REASON_TEXT
-    from ui.predict_tab import NONE_OF_THESE, PredictHandlers
+    from ui.predict_handlers import NONE_OF_THESE, PredictHandlers
 
     client, parts = served
     # a confident digit (not queued by itself): a user says it is not a digit at all
