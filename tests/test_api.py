@@ -21,7 +21,7 @@ from model.predictor import ModelInfo
 from review.db import Prediction
 from serving.gate import Gate
 from settings import Settings
-from tests.app_support import app_parts, server_for
+from tests.app_support import app_parts, server_for, serving
 
 MB = 1 << 20
 UPLOAD_MB = 0.5  # a small limit keeps the over-size case cheap
@@ -301,43 +301,34 @@ def test_rest_busy_gets_fast_503_with_retry_after(tmp_path, demo_predictor):
 
 def test_gradio_queue_full_answers_busy_at_once(tmp_path, demo_predictor):
     """Gradio's own path: model workers busy + queue_max_size waiting -> the next caller is refused at once."""
-    import uvicorn
     from gradio_client import Client, handle_file
 
-    from tests.browser_support import free_port
     from ui.predict_tab import model_workers
 
     settings = Settings(data_dir=tmp_path / "data", queue_max_size=1, max_batch_size=1)
     held = HeldPredictor(demo_predictor)
     service = app_parts(settings, held)
-    port = free_port()
-    server = uvicorn.Server(uvicorn.Config(server_for(settings, service), host="127.0.0.1", port=port,
-                                           log_level="warning", timeout_graceful_shutdown=1))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
     try:
-        deadline = time.monotonic() + 60
-        while not server.started and time.monotonic() < deadline:
-            time.sleep(0.05)
-        client = Client(f"http://127.0.0.1:{port}/", verbose=False)
-        image = handle_file(str(examples()["4"]))
-        running = []
-        for _ in range(model_workers(settings)):  # one by one: with queue_max_size=1 a burst would be refused
-            running.append(client.submit(image, api_name="/predict"))
-            assert held.entered.acquire(timeout=30)
-        waiting = client.submit(image, api_name="/predict")
-        _wait_until_queued(waiting)
-        start = time.perf_counter()
-        refused = client.submit(image, api_name="/predict")
-        with pytest.raises(Exception, match="(?i)queue is full"):
-            refused.result(timeout=20)
-        elapsed = time.perf_counter() - start
-        held.release.set()
-        answers = [job.result(timeout=30) for job in [*running, waiting]]
+        with serving(settings, service) as base:
+            try:
+                client = Client(base + "/", verbose=False)
+                image = handle_file(str(examples()["4"]))
+                running = []
+                for _ in range(model_workers(settings)):  # one by one: with queue_max_size=1 a burst is refused
+                    running.append(client.submit(image, api_name="/predict"))
+                    assert held.entered.acquire(timeout=30)
+                waiting = client.submit(image, api_name="/predict")
+                _wait_until_queued(waiting)
+                start = time.perf_counter()
+                refused = client.submit(image, api_name="/predict")
+                with pytest.raises(Exception, match="(?i)queue is full"):
+                    refused.result(timeout=20)
+                elapsed = time.perf_counter() - start
+                held.release.set()
+                answers = [job.result(timeout=30) for job in [*running, waiting]]
+            finally:
+                held.release.set()
     finally:
-        held.release.set()
-        server.should_exit = True
-        thread.join(30)
         service.store.close()
     assert elapsed < 5  # refused at once (the held jobs would take 30 s)
     assert [a[0]["label"] for a in answers] == ["4"] * len(answers)
@@ -413,46 +404,35 @@ def test_rest_requests_waiting_for_the_model_share_one_forward_pass(tmp_path, de
 def test_gradio_and_rest_requests_share_one_forward_pass(tmp_path, demo_predictor):
     """One batcher for every front end: a Gradio call and a REST call waiting together run in one batch."""
     import httpx
-    import uvicorn
     from gradio_client import Client, handle_file
-
-    from tests.browser_support import free_port
 
     settings = Settings(data_dir=tmp_path / "data", model_workers=1)
     recording = RecordingPredictor(demo_predictor)
     service = app_parts(settings, recording)
-    port = free_port()
-    server = uvicorn.Server(uvicorn.Config(server_for(settings, service), host="127.0.0.1", port=port,
-                                           log_level="warning", timeout_graceful_shutdown=1))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
     try:
-        deadline = time.monotonic() + 60
-        while not server.started and time.monotonic() < deadline:
-            time.sleep(0.05)
-        base = f"http://127.0.0.1:{port}"
-        client = Client(base + "/", verbose=False)
+        with serving(settings, service) as base:
+            try:
+                client = Client(base + "/", verbose=False)
 
-        def rest(d: str):
-            return httpx.post(base + "/api/v1/predict", timeout=60,
-                              files={"file": (f"{d}.png", examples()[d].read_bytes(), "image/png")})
+                def rest(d: str):
+                    return httpx.post(base + "/api/v1/predict", timeout=60,
+                                      files={"file": (f"{d}.png", examples()[d].read_bytes(), "image/png")})
 
-        rest_results: list = []
-        first = threading.Thread(target=lambda: rest_results.append(rest("7")))
-        first.start()
-        assert recording.entered.acquire(timeout=30)
-        gradio_job = client.submit(handle_file(str(examples()["4"])), api_name="/predict")
-        second = threading.Thread(target=lambda: rest_results.append(rest("2")))
-        second.start()
-        _wait_pending(service.pipeline, 2)
-        recording.release.set()
-        gradio_answer = gradio_job.result(timeout=30)
-        first.join(30)
-        second.join(30)
+                rest_results: list = []
+                first = threading.Thread(target=lambda: rest_results.append(rest("7")))
+                first.start()
+                assert recording.entered.acquire(timeout=30)
+                gradio_job = client.submit(handle_file(str(examples()["4"])), api_name="/predict")
+                second = threading.Thread(target=lambda: rest_results.append(rest("2")))
+                second.start()
+                _wait_pending(service.pipeline, 2)
+                recording.release.set()
+                gradio_answer = gradio_job.result(timeout=30)
+                first.join(30)
+                second.join(30)
+            finally:
+                recording.release.set()
     finally:
-        recording.release.set()
-        server.should_exit = True
-        thread.join(30)
         service.store.close()
     assert recording.runs == [1, 2]
     assert gradio_answer[0]["label"] == "4"

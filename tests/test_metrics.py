@@ -5,8 +5,6 @@ drift gauges, the log writer's counters; the bearer token; and nothing a reviewe
 from __future__ import annotations
 
 import io
-import threading
-import time
 
 import httpx
 import numpy as np
@@ -25,8 +23,7 @@ from serving.metrics import GradioBusyCounter, Metrics
 from serving.pipeline import Input
 from settings import Settings
 from tests import review_fixtures as rf
-from tests.app_support import app_parts, server_for
-from tests.browser_support import free_port
+from tests.app_support import app_parts, serving
 
 TOKEN = "scrape-me"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
@@ -49,20 +46,8 @@ def server(tmp_path_factory, demo_predictor):
                         reviewers=f"alice:{hash_password('pw', iterations=1000)}")
     parts = app_parts(settings, demo_predictor)
     gate = Gate(concurrency=1, max_waiting=0)
-    import uvicorn
-
-    port = free_port()
-    srv = uvicorn.Server(uvicorn.Config(server_for(settings, parts, gate=gate), host="127.0.0.1", port=port,
-                                        log_level="warning"))
-    thread = threading.Thread(target=srv.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 60
-    while not srv.started:
-        assert time.monotonic() < deadline and thread.is_alive(), "server did not start"
-        time.sleep(0.05)
-    yield f"http://127.0.0.1:{port}", parts, gate
-    srv.should_exit = True
-    thread.join(10)
+    with serving(settings, parts, gate=gate) as url:
+        yield url, parts, gate
     parts.store.close()
 
 

@@ -21,8 +21,7 @@ from model import rollout, versions
 from model.demo import DEMO_EXAMPLES_DIR
 from serving.imageio import decode_image
 from tests import review_fixtures as rf
-from tests.app_support import server_for
-from tests.browser_support import free_port
+from tests.app_support import serving
 
 pytestmark = pytest.mark.slow
 CLIENTS = 8
@@ -30,8 +29,6 @@ TOL = 1e-5
 
 
 def test_promote_and_rollback_under_eight_clients_fail_nothing(tmp_path, exported, demo_predictor):
-    import uvicorn
-
     path, sha = exported("pad224")
     settings = rf.make_settings(tmp_path, f"sqlite:///{tmp_path / 'loupe.db'}", gate_min_shadowed=0)
     parts = assemble(settings, demo_predictor, rescore=False, watch=False)
@@ -40,16 +37,11 @@ def test_promote_and_rollback_under_eight_clients_fail_nothing(tmp_path, exporte
     cand = store.transaction(lambda s: versions.register(s, name="pads", sha256=sha, path=path, now=store.clock(),
                                                          vocab=("blue", "green", "red")))
     images = [p.read_bytes() for p in sorted(DEMO_EXAMPLES_DIR.glob("*.png"))[:2]]
-    port = free_port()
-    server = uvicorn.Server(uvicorn.Config(server_for(settings, parts), host="127.0.0.1", port=port,
-                                           log_level="warning", timeout_graceful_shutdown=1))
-    serving = threading.Thread(target=server.run, daemon=True)
-    serving.start()
     results: list[tuple[int, int, str, dict | str]] = []  # (client, image index, session, status, body)
     lock, stop = threading.Lock(), threading.Event()
 
     def client(i: int) -> None:
-        with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=60) as http:
+        with httpx.Client(base_url=base, timeout=60) as http:
             k = 0
             while not stop.is_set():
                 img = k % len(images)
@@ -87,24 +79,21 @@ def test_promote_and_rollback_under_eight_clients_fail_nothing(tmp_path, exporte
     threads = [threading.Thread(target=client, args=(i,)) for i in range(CLIENTS)]
     served: list[dict] = []
     try:
-        deadline = time.monotonic() + 60
-        while not server.started:
-            assert time.monotonic() < deadline
-            time.sleep(0.05)
-        for t in threads:
-            t.start()
-        progress()
-        for _, step in steps:
-            step()
-            served.append(router.refresh().versions())  # this replica follows at once (loads before it swaps)
-            progress()
-        candidate = load(cand)  # the loaded candidate, for the expected answers
+        with serving(settings, parts) as base:
+            try:
+                for t in threads:
+                    t.start()
+                progress()
+                for _, step in steps:
+                    step()
+                    served.append(router.refresh().versions())  # this replica follows at once (loads, then swaps)
+                    progress()
+                candidate = load(cand)  # the loaded candidate, for the expected answers
+            finally:
+                stop.set()
+                for t in threads:
+                    t.join(60)
     finally:
-        stop.set()
-        for t in threads:
-            t.join(60)
-        server.should_exit = True
-        serving.join(30)
         parts.shadow.close()
         store.close()
 

@@ -15,7 +15,6 @@ import os
 import re
 import shutil
 import socket
-import threading
 import time
 import uuid
 
@@ -26,7 +25,7 @@ from PIL.PngImagePlugin import PngInfo
 
 from review.auth import hash_password
 from settings import Settings
-from tests.browser_support import REPO, free_port, start_app, wait_for
+from tests.browser_support import REPO, start_app, wait_for
 from tests.test_api import examples
 from tests.test_security_files import fn_index, join, label_of, outcome, predict, ref, upload
 
@@ -277,21 +276,12 @@ def test_security_headers_on_every_kind_of_response(app):
 @pytest.fixture
 def space_server(tmp_path, demo_predictor):
     """Loupe as a Space runs it (SPACE_ID set), in this process on a free port."""
-    import uvicorn
-
-    from tests.app_support import app_parts, server_for
+    from tests.app_support import app_parts, serving
 
     settings = Settings(data_dir=tmp_path / "data", space_id="someone/loupe", gradio_temp_dir=tmp_path / "g")
     service = app_parts(settings, demo_predictor)
-    port = free_port()
-    server = uvicorn.Server(uvicorn.Config(server_for(settings, service), host="127.0.0.1",
-                                           port=port, log_level="warning", timeout_graceful_shutdown=1))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    wait_for(lambda: server.started, timeout=60, what="the Space-like server")
-    yield f"http://127.0.0.1:{port}"
-    server.should_exit = True
-    thread.join(30)
+    with serving(settings, service) as url:
+        yield url
     service.store.close()
 
 

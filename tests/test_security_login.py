@@ -16,7 +16,6 @@ import asyncio
 import multiprocessing
 import random
 import statistics
-import threading
 import time
 from contextlib import contextmanager
 from pathlib import Path
@@ -25,35 +24,13 @@ import httpx
 import pytest
 
 from review.auth import hash_password
-from tests.browser_support import free_port, wait_for
+from tests.browser_support import wait_for
 
 pytestmark = pytest.mark.slow
 FLOOD_CLIENTS = 32
 ALICE, BOB = "alice password", "bob password"
 EXAMPLE = Path(__file__).resolve().parents[1] / "model" / "demo_artifacts" / "examples" / "digit_3.png"
 STATUSES = (200, 400, 429, 503)  # counted one by one; anything else (and transport errors) lands in "other"
-
-
-@contextmanager
-def serve(settings, service, *, proxy_headers: bool = True):
-    """uvicorn on a free port in a thread; yields the base URL. ``proxy_headers=False`` makes the test client look
-    like a remote peer (uvicorn otherwise applies X-Forwarded-* itself for connections from 127.0.0.1)."""
-    import uvicorn
-
-    from tests.app_support import server_for
-
-    port = free_port()
-    server = uvicorn.Server(uvicorn.Config(server_for(settings, service), host="127.0.0.1", port=port,
-                                           log_level="warning", proxy_headers=proxy_headers,
-                                           timeout_graceful_shutdown=1))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    try:
-        wait_for(lambda: server.started, timeout=60, what="the server to start")
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        server.should_exit = True
-        thread.join(30)
 
 
 @pytest.fixture(scope="module")
@@ -63,13 +40,14 @@ def accounts():
 
 @pytest.fixture(scope="module")
 def app(tmp_path_factory, demo_predictor, accounts):
+    # Here, not at the top: the flood's spawned process imports this module, and should not import the app.
     from settings import Settings
-    from tests.app_support import app_parts
+    from tests.app_support import app_parts, serving
 
     settings = Settings(data_dir=tmp_path_factory.mktemp("login"), reviewers=accounts, trust_proxy_headers=True,
                         low_confidence=1.0, audit_rate=0.0)  # every prediction is queued: items to claim
     service = app_parts(settings, demo_predictor)
-    with serve(settings, service) as url:
+    with serving(settings, service) as url:
         yield url, service
     service.store.close()
 
@@ -305,14 +283,14 @@ def test_without_a_trusted_proxy_forwarded_headers_are_ignored(tmp_path, demo_pr
     """Off by default outside a Space: a client cannot pick its address (to dodge the address limit) or claim
     HTTPS. The test client then stands for a remote peer (uvicorn's own proxy handling is off)."""
     from settings import Settings
-    from tests.app_support import app_parts
+    from tests.app_support import app_parts, serving
 
     assert Settings(space_id="someone/loupe", reviewers=accounts).behind_proxy  # a Space's proxy is trusted
     settings = Settings(data_dir=tmp_path / "data", reviewers=accounts)
     assert not settings.behind_proxy
     service = app_parts(settings, demo_predictor)
     try:
-        with serve(settings, service, proxy_headers=False) as url, \
+        with serving(settings, service, proxy_headers=False) as url, \
                 httpx.Client(base_url=url, timeout=30) as http:
             r = login(http, "bob", BOB, address(), **{"X-Forwarded-Proto": "https"})
             assert r.status_code == 200
