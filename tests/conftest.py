@@ -10,6 +10,17 @@ import pytest
 warnings.filterwarnings("ignore", module="fastai")
 
 
+@pytest.fixture(scope="module")
+def browser(playwright):
+    """Debian's Chromium (tests/browser_support.launch_args; never a downloaded one), one per test module. A module
+    that needs other flags (a fake camera) defines its own."""
+    from tests.browser_support import launch_args
+
+    b = playwright.chromium.launch(**launch_args())
+    yield b
+    b.close()
+
+
 @pytest.fixture(scope="session")
 def color_data(tmp_path_factory) -> Path:
     from tests.learners import make_color_dataset

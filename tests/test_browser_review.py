@@ -26,7 +26,7 @@ from sqlalchemy.orm import Session
 
 from review.auth import hash_password
 from review.db import Decision, QueueEntry
-from tests.browser_support import launch_args, start_app
+from tests.browser_support import start_app
 from tests.learners import CLASSES, build_learner, export_learner, make_color_dataset
 
 pytestmark = pytest.mark.slow
@@ -85,13 +85,6 @@ def queued(app) -> list[QueueEntry]:
 def stored_decisions(app) -> list[tuple[int, str, str, str | None]]:
     with Session(app.db) as s:
         return [(d.item_id, d.reviewer, d.action, d.label) for d in s.scalars(select(Decision).order_by(Decision.id))]
-
-
-@pytest.fixture(scope="module")
-def browser(playwright):
-    b = playwright.chromium.launch(**launch_args())
-    yield b
-    b.close()
 
 
 @pytest.fixture

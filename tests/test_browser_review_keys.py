@@ -18,7 +18,7 @@ from sqlalchemy.orm import Session
 
 from review.auth import hash_password
 from review.db import Decision, Prediction, QueueEntry
-from tests.browser_support import RESULTS, launch_args, start_app, wait_for
+from tests.browser_support import RESULTS, start_app, wait_for
 from tests.test_api import examples
 
 pytestmark = pytest.mark.slow
@@ -51,13 +51,6 @@ def app(tmp_path_factory, demo_settings, demo_predictor):
 def rows(app, table, **where) -> list:
     with Session(app.db) as s:
         return list(s.scalars(select(table).filter_by(**where).order_by(table.id)))
-
-
-@pytest.fixture(scope="module")
-def browser(playwright):
-    b = playwright.chromium.launch(**launch_args())
-    yield b
-    b.close()
 
 
 @pytest.fixture
