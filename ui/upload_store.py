@@ -142,11 +142,14 @@ class UploadStore:
         if path in self._static:
             return True
         with self._lock:
-            up = self._files.get(path)
-            if up is None or up.expires <= self.clock():
-                return False
+            up = self._live(path)
             # A browser that refuses cookies still holds the 128-bit random path it was given.
-            return up.owner == owner or (up.cookieless and owner is None)
+            return up is not None and (up.owner == owner or (up.cookieless and owner is None))
+
+    def _live(self, path: str) -> Upload | None:
+        """The upload at ``path`` if it has not expired (the caller holds the lock)."""
+        up = self._files.get(path)
+        return None if up is None or up.expires <= self.clock() else up
 
     def mark_sent(self, paths) -> None:
         self._shorten(paths, SENT_GRACE_S)
@@ -192,8 +195,8 @@ class UploadStore:
         if path in self._static:
             return True
         with self._lock:
-            up = self._files.get(path)
-            if up is None or up.expires <= self.clock():
+            up = self._live(path)
+            if up is None:
                 return False
             up.expires = min(up.expires, self.clock() + READ_GRACE_S)
             return True
